@@ -1,0 +1,98 @@
+"""Model-agnostic analyses of MoE routing and experts.
+
+* :mod:`rmoe.analysis.routing` — load, entropy, inner/outer balance, cross-layer MI, agreement.
+* :mod:`rmoe.analysis.experts` — weight/output similarity, neuron matching, PCA, rank counts,
+  activation ratios, RMoE's diversity score (expert matrices in the canonical [E, F, D]).
+* :mod:`rmoe.analysis.plots` — matplotlib figure writers (import explicitly; needs matplotlib).
+* :mod:`rmoe.analysis.report` — ``metrics.json`` + ``report.html``.
+
+Inputs are numpy arrays or torch tensors; outputs are numbers, numpy arrays or small frozen
+dataclasses with ``to_dict()``. Requires the ``analysis`` extra (scipy, matplotlib).
+"""
+
+from rmoe.analysis.experts import (
+    LinearFit,
+    NeuronMatch,
+    OutputSimilarity,
+    PCAResult,
+    activation_ratio,
+    down_to_canonical,
+    expert_cosine_similarity,
+    expert_diversity_score,
+    expert_output_norms,
+    expert_output_similarity,
+    expert_pca,
+    match_expert_pairs,
+    match_neurons,
+    neuron_average,
+    neuron_averaged_similarity,
+    neuron_pca,
+    norm_score_rank_counts,
+    pca,
+    rank_count_agreement,
+    router_similarity_regression,
+    select_pairs,
+    similarity_regression,
+)
+from rmoe.analysis.report import to_jsonable, write_report
+from rmoe.analysis.routing import (
+    EntropySummary,
+    LoadStats,
+    RoutingAgreement,
+    binned_mutual_information,
+    binned_mutual_information_matrix,
+    choice_entropy,
+    entropy_summary,
+    expert_load,
+    index_mutual_information,
+    index_mutual_information_matrix,
+    inner_balance,
+    normalized_entropy,
+    outer_balance,
+    router_entropy,
+    routing_agreement,
+    routing_layer_metrics,
+)
+
+__all__ = [
+    "EntropySummary",
+    "LinearFit",
+    "LoadStats",
+    "NeuronMatch",
+    "OutputSimilarity",
+    "PCAResult",
+    "RoutingAgreement",
+    "activation_ratio",
+    "binned_mutual_information",
+    "binned_mutual_information_matrix",
+    "choice_entropy",
+    "down_to_canonical",
+    "entropy_summary",
+    "expert_cosine_similarity",
+    "expert_diversity_score",
+    "expert_load",
+    "expert_output_norms",
+    "expert_output_similarity",
+    "expert_pca",
+    "index_mutual_information",
+    "index_mutual_information_matrix",
+    "inner_balance",
+    "match_expert_pairs",
+    "match_neurons",
+    "neuron_average",
+    "neuron_averaged_similarity",
+    "neuron_pca",
+    "norm_score_rank_counts",
+    "normalized_entropy",
+    "outer_balance",
+    "pca",
+    "rank_count_agreement",
+    "router_entropy",
+    "router_similarity_regression",
+    "routing_agreement",
+    "routing_layer_metrics",
+    "select_pairs",
+    "similarity_regression",
+    "to_jsonable",
+    "write_report",
+]

@@ -1,0 +1,281 @@
+"""Figure writers for the analysis report (matplotlib, Agg, no pyplot state).
+
+Each function draws one figure from plain arrays, writes it to ``path`` (parent folders are
+created; the format follows the suffix, PNG for the report) and returns the path. Figures are
+built on :class:`matplotlib.figure.Figure` directly, so nothing touches pyplot's global figure
+registry or the process-wide backend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from rmoe.analysis._arrays import ArrayLike, to_numpy
+from rmoe.analysis.routing import EntropySummary
+
+__all__ = [
+    "plot_entropy_histograms",
+    "plot_heatmap",
+    "plot_load_bars",
+    "plot_rank_counts",
+]
+
+_DPI = 110
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=_DPI)
+    return out
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(max_cols, n)
+    return math.ceil(n / cols), cols
+
+
+def _matrix(x: ArrayLike, name: str) -> np.ndarray:
+    m = to_numpy(x, np.float64, name)
+    if m.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix; got shape {m.shape}")
+    return m
+
+
+def _tick_labels(ax, labels: Sequence[str] | None, n: int, axis: str) -> None:
+    if labels is None:
+        return
+    if len(labels) != n:
+        raise ValueError(f"got {len(labels)} {axis} labels for {n} rows/columns; pass one per row")
+    ticks = np.arange(n)
+    if axis == "x":
+        ax.set_xticks(ticks, labels=list(labels), rotation=90, fontsize=7)
+    else:
+        ax.set_yticks(ticks, labels=list(labels), fontsize=7)
+
+
+def plot_heatmap(
+    path: str | Path,
+    matrix: ArrayLike,
+    title: str = "",
+    labels: Sequence[str] | None = None,
+    second: ArrayLike | None = None,
+    second_title: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+    colorbar_label: str = "",
+    annotate: bool = False,
+) -> Path:
+    """Heat map of a matrix, or two side by side on one colour scale (e.g. SMoE vs RMoE).
+
+    Args:
+        path: output file (PNG).
+        matrix: [R, C] values (e.g. an L×L MI matrix or an E×E similarity matrix).
+        title: title of the (first) panel.
+        labels: optional R tick labels used on both axes of square matrices.
+        second: optional [R', C'] matrix drawn to the right with the same colour scale.
+        second_title: title of the second panel.
+        vmin, vmax: colour limits (default: joint min/max of the panels).
+        cmap: matplotlib colour map name.
+        colorbar_label: label of the shared colour bar.
+        annotate: write each value in its cell (for small matrices).
+    """
+    mats = [_matrix(matrix, "matrix")]
+    titles = [title]
+    if second is not None:
+        mats.append(_matrix(second, "second"))
+        titles.append(second_title)
+    finite = np.concatenate([m[np.isfinite(m)] for m in mats])
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    fig = _new_figure(4.6 * len(mats) + 0.8, 4.2)
+    axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    image = None
+    for ax, m, t in zip(axes, mats, titles):
+        image = ax.imshow(m, vmin=lo, vmax=hi, cmap=cmap, interpolation="nearest")
+        ax.set_title(t, fontsize=10)
+        if labels is not None and m.shape[0] == m.shape[1]:
+            _tick_labels(ax, labels, m.shape[0], "x")
+            _tick_labels(ax, labels, m.shape[0], "y")
+        if annotate:
+            mid = (lo + hi) / 2
+            for (i, j), v in np.ndenumerate(m):
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if v > mid else "white",
+                )
+    fig.colorbar(image, ax=list(axes), shrink=0.85, label=colorbar_label)
+    return _save(fig, path)
+
+
+def plot_entropy_histograms(
+    path: str | Path,
+    entropies: Sequence[ArrayLike] | Sequence[EntropySummary],
+    num_experts: int,
+    bins: int = 50,
+    layer_names: Sequence[str] | None = None,
+    title: str = "Router entropy per layer",
+    second: Sequence[ArrayLike] | Sequence[EntropySummary] | None = None,
+    names: tuple[str, str] = ("A", "B"),
+) -> Path:
+    """One entropy histogram per layer (density over tokens), x axis [0, ln E].
+
+    Args:
+        path: output file (PNG).
+        entropies: per layer, either [N] per-token entropies (nats) or an
+            :class:`~rmoe.analysis.routing.EntropySummary` (its stored histogram is drawn).
+        num_experts: E (sets the x range [0, ln E], marked by a dashed line).
+        bins: bins for raw entropies.
+        layer_names: one label per layer (default "layer i").
+        title: figure title.
+        second: optional same-length sequence for a second model, overlaid.
+        names: legend names of the two models when ``second`` is given.
+    """
+    n_layers = len(entropies)
+    if n_layers == 0:
+        raise ValueError("entropies is empty; pass one array or EntropySummary per layer")
+    if second is not None and len(second) != n_layers:
+        raise ValueError(f"second has {len(second)} layers but entropies has {n_layers}")
+    names_ = (
+        list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(n_layers)]
+    )
+    if len(names_) != n_layers:
+        raise ValueError(f"got {len(names_)} layer_names for {n_layers} layers")
+    h_max = math.log(num_experts) if num_experts > 1 else 1.0
+    rows, cols = _grid(n_layers)
+    fig = _new_figure(3.0 * cols, 2.2 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    series = [entropies] if second is None else [entropies, second]
+    for i in range(n_layers):
+        ax = axes[i]
+        for s, item in enumerate(series):
+            h = item[i]
+            if isinstance(h, EntropySummary):
+                counts, edges = h.hist_counts, h.hist_edges
+            else:
+                values = np.clip(to_numpy(h, np.float64, "entropies").ravel(), 0.0, h_max)
+                counts, edges = np.histogram(values, bins=bins, range=(0.0, h_max))
+            total = max(counts.sum(), 1)
+            density = counts / (total * np.diff(edges))
+            label = names[s] if second is not None else None
+            ax.stairs(density, edges, fill=second is None, alpha=0.7, label=label)
+        ax.axvline(h_max, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(names_[i], fontsize=9)
+        ax.tick_params(labelsize=7)
+        if second is not None and i == 0:
+            ax.legend(fontsize=7)
+    for ax in axes[n_layers:]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} (nats; dashed: ln E)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_load_bars(
+    path: str | Path,
+    counts: Sequence[ArrayLike],
+    layer_names: Sequence[str] | None = None,
+    title: str = "Expert load per layer",
+) -> Path:
+    """Bar chart of tokens per expert for each layer, with the balanced level as a dashed line.
+
+    Args:
+        path: output file (PNG).
+        counts: per layer, [E] assignment counts (``LoadStats.counts``).
+        layer_names: one label per layer (default "layer i").
+        title: figure title.
+    """
+    n_layers = len(counts)
+    if n_layers == 0:
+        raise ValueError("counts is empty; pass one [E] count vector per layer")
+    names_ = (
+        list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(n_layers)]
+    )
+    if len(names_) != n_layers:
+        raise ValueError(f"got {len(names_)} layer_names for {n_layers} layers")
+    rows, cols = _grid(n_layers)
+    fig = _new_figure(3.0 * cols, 2.0 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, c, name in zip(axes, counts, names_):
+        v = to_numpy(c, np.float64, "counts").ravel()
+        ax.bar(np.arange(v.size), v, width=0.9)
+        ax.axhline(v.mean(), color="black", linestyle="--", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes[n_layers:]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} (dashed: balanced)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_rank_counts(
+    path: str | Path,
+    counts: ArrayLike | Sequence[ArrayLike],
+    titles: Sequence[str] | None = None,
+    title: str = "Expert output-norm rank vs router-score rank",
+) -> Path:
+    """Heat map(s) of norm-rank vs score-rank count matrices (rank 1 = largest).
+
+    Args:
+        path: output file (PNG).
+        counts: one [E, E] matrix C[r_norm, r_score] (from
+            :func:`~rmoe.analysis.experts.norm_score_rank_counts`) or a sequence (e.g. per layer).
+        titles: one panel title per matrix.
+        title: figure title.
+    """
+    arr = counts if not isinstance(counts, (list, tuple)) else None
+    if arr is not None and to_numpy(arr, name="counts").ndim == 2:
+        mats = [_matrix(arr, "counts")]
+    elif arr is not None:
+        mats = [_matrix(m, "counts") for m in to_numpy(arr, np.float64, "counts")]
+    else:
+        mats = [_matrix(m, "counts") for m in counts]
+    if not mats:
+        raise ValueError("counts is empty; pass an [E, E] count matrix or a list of them")
+    titles_ = list(titles) if titles is not None else [f"layer {i}" for i in range(len(mats))]
+    if len(mats) == 1 and titles is None:
+        titles_ = [""]
+    if len(titles_) != len(mats):
+        raise ValueError(f"got {len(titles_)} titles for {len(mats)} matrices")
+    rows, cols = _grid(len(mats))
+    fig = _new_figure(3.2 * cols + 0.6, 3.0 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, m, t in zip(axes, mats, titles_):
+        e = m.shape[0]
+        image = ax.imshow(
+            m,
+            cmap="magma",
+            origin="lower",
+            extent=(0.5, e + 0.5, 0.5, e + 0.5),
+            interpolation="nearest",
+        )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("router-score rank", fontsize=8)
+        ax.set_ylabel("output-norm rank", fontsize=8)
+        ax.set_title(t, fontsize=9)
+        ax.tick_params(labelsize=7)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    for ax in axes[len(mats) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} (1 = largest)", fontsize=10)
+    return _save(fig, path)
