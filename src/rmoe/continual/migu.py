@@ -1,0 +1,726 @@
+"""MIGU: magnitude-based gradient masking of output rows (Du et al., arXiv 2406.17245).
+
+For a linear map ``h = W x`` with ``W`` of shape ``[F_out, D_in]``, row ``W[i]`` produces output
+unit ``h_i``. MIGU caches, during the forward pass, how large each output unit is, and after
+backward zeroes the gradient of every row whose output magnitude is below the layer's quantile at
+``ratio``. Only the rows with the largest outputs are updated (ratio 0.7: the top 30%). The masks
+are recomputed at every optimizer step from the micro-batches of that step; nothing persists.
+
+Facts taken from the paper notes (``shared/papers/migu_and_stability-gap.md``, part A):
+
+- paper (A2): per token, ``n = |h| / ||h||_1`` over the output units, averaged over the tokens of
+  the mini-batch; keep the rows whose ``n_i`` are among the top ones. Here: ``norm="l1"``, with
+  padding tokens excluded when a token mask is set.
+- released code (A3): ``sum |h|`` over all positions, padding included, summed over the
+  gradient-accumulation micro-batches; ``keep = acc >= torch.quantile(acc, ratio)``; every shipped
+  script uses ratio 0.7; the first task is trained unmasked; biases are never masked. Here:
+  ``norm="raw"`` (with no token mask set it reproduces the code's statistic); biases are masked
+  by default (``mask_bias=True``; set ``False`` for the code's behaviour); the first task is
+  trained unmasked by constructing with ``enabled=False`` (or setting ``migu.enabled = False``).
+- the released random control is a no-op in full fine-tuning (A3); :class:`RandomMask` here masks
+  random rows at the same count.
+
+Usage::
+
+    migu = MIGU(model, ratio=0.7)                     # hooks every trainable nn.Linear
+    for micro_batch in step_batches:                  # gradient accumulation is fine
+        migu.set_token_mask(micro_batch["attention_mask"])   # optional: exclude padding
+        loss = model(**micro_batch).loss / len(step_batches)
+        scaler.scale(loss).backward()
+    scaler.unscale_(opt)                              # if a GradScaler is used
+    migu.apply_()                                     # mask .grad, reset the accumulators
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # clip norms see masked grads
+    scaler.step(opt); scaler.update(); opt.zero_grad()
+
+Which rows are kept. For a layer with ``n`` output units, :func:`num_kept_rows` gives
+``k = n - ceil(ratio * (n - 1))``: the number of values ``>= torch.quantile(acc, ratio)`` (linear
+interpolation) when the values are distinct, i.e. the released code's rule. Rows are chosen with
+``topk``, so the count is exactly ``k`` even with ties (the code's ``>=`` keeps every tied row).
+Examples: n=10, ratio=0.7 -> 3 kept; n=16 -> 5; n=64 -> 19; ratio=0 keeps all; ratio=1 keeps 1.
+
+Mixed precision. Magnitudes are accumulated in float32 whatever the activation dtype, so the hooks
+work under ``torch.autocast`` (bf16/fp16 outputs). :meth:`MIGU.apply_` edits ``param.grad`` in
+place, i.e. the gradient the optimizer steps. With a ``GradScaler``, call it after
+``scaler.unscale_(opt)``: the scaler records inf/NaN during ``unscale_``, so masking afterwards
+cannot hide an overflow. Masking the still-scaled gradient is also correct for the update
+(``masked_fill_`` writes exact zeros and zero stays zero after unscaling), but an inf/NaN that
+only occurred in masked rows is then erased before the scaler sees it, so the scale is not backed
+off for that step.
+
+How optimizers move rows whose gradient is zero (why ``freeze_masked_rows`` exists). Zeroing
+``W.grad[i]`` stops row ``i`` only for plain SGD without momentum and without weight decay.
+Otherwise, for a masked row (``g = 0``) at step ``t`` with learning rate ``lr``:
+
+- SGD, weight decay ``wd``: ``g`` becomes ``wd * w``, so ``w <- w - lr * wd * w``.
+- SGD, momentum ``mu``: ``buf <- mu * buf``; ``w <- w - lr * buf``; ``buf`` is non-zero whenever
+  the row received gradient in an earlier step.
+- Adam/AdamW moments: ``m <- beta1 * m``, ``v <- beta2 * v``, and
+  ``w <- w - lr * m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m / (1 - beta1^t)``,
+  ``v_hat = v / (1 - beta2^t)``: a row that was updated at an earlier step keeps moving, with a
+  step that decays roughly like ``(beta1 / sqrt(beta2))^s`` after ``s`` masked steps. From a fresh
+  optimizer (``m = v = 0``) the update of a masked row is exactly zero.
+- AdamW decoupled weight decay: ``w <- w * (1 - lr * wd)`` every step, gradient or not.
+- Adam with coupled L2 (``torch.optim.Adam(weight_decay=wd)``): ``g`` becomes ``wd * w``, which
+  is then normalised by Adam: the masked row takes a full-size Adam step.
+
+With ``freeze_masked_rows=True``, :meth:`MIGU.apply_` snapshots the masked rows (and bias
+entries) and :meth:`MIGU.restore_` writes them back after ``optimizer.step()``; pass the optimizer
+(``optimizer=`` or :meth:`MIGU.attach_optimizer`) to have ``restore_`` run from an optimizer
+step post-hook. The rows then stay bit-exactly still. The optimizer state is not restored: the
+moments of masked rows still decay (``m <- beta1 * m``, ``v <- beta2 * v``) and Adam's step count
+advances, as they would under plain gradient masking.
+
+Expert weights (3-D). A module that stores its experts as ``[E, ...]`` Parameters (not
+``nn.Linear``) plugs in without importing this module, through a *probe*: a child module with
+attributes
+
+- ``migu_param: str`` -- name of the Parameter on the probe's parent module, shape
+  ``[E, F_out, D_in]`` (``migu_out_dim = 1``) or ``[E, D_in, F_out]`` (``migu_out_dim = 2``);
+- ``migu_out_dim: int`` -- 1 or 2, the dimension of that Parameter that indexes output units;
+- ``migu_bias: str | None`` (optional) -- name of an ``[E, F_out]`` bias Parameter on the parent,
+
+which the parent calls in its forward as ``h = probe(h, expert_ids, token_index)`` with
+
+- ``h``: ``[n, F_out]`` -- the outputs of that weight for the ``n`` dispatched (token, expert)
+  rows, before any activation; or ``[E, C, F_out]`` (per-expert batches, ``expert_ids=None``);
+- ``expert_ids``: ``[n]`` long in ``[0, E)`` -- the expert of each row;
+- ``token_index``: ``[n]`` long in ``[0, B*T)`` or ``None`` -- the flattened token of each row,
+  used only to look up the token mask (without it, every row counts).
+
+The probe returns ``h`` unchanged; :class:`ExpertOutputProbe` is a reference implementation.
+MIGU hooks every probe it finds and masks, per expert ``e``, the rows ``W[e, i, :]``
+(``out_dim=1``) or the columns ``W[e, :, i]`` (``out_dim=2``) of output units ``i`` whose average
+magnitude over the tokens routed to ``e`` is below expert ``e``'s quantile. For modules that cannot
+be edited, :meth:`MIGU.register_expert_weight` registers a Parameter with a ``capture_fn`` that
+extracts ``(h, expert_ids[, token_index])`` from a forward hook's ``(module, args, output)``, or
+returns a ``record`` function to call by hand.
+
+Caveats: forwards run with gradients disabled (``torch.no_grad``, ``inference_mode``) are not
+accumulated, so evaluation does not pollute the statistic; activation checkpointing re-runs the
+forward with gradients enabled, which counts those tokens twice (the masks change only through
+the token weighting). ``nn.MultiheadAttention.out_proj`` is an ``nn.Linear`` that MHA never calls
+as a module, so it gets no statistic and is left unmasked. Data-parallel training needs the
+accumulators all-reduced before :meth:`MIGU.apply_`; that is not done here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["MIGU", "ExpertOutputProbe", "RandomMask", "num_kept_rows"]
+
+TargetSpec = Callable[[str, nn.Module], bool] | Sequence[str] | str | None
+"""Which layers to cover: a predicate ``(name, module) -> bool``, glob pattern(s) on the name, or
+``None`` for all. ``name`` is the module name for ``nn.Linear`` layers and the full parameter name
+(e.g. ``"layers.0.moe.experts.w1"``) for expert weights."""
+
+CaptureFn = Callable[[nn.Module, tuple, object], tuple]
+"""``capture_fn(module, args, output) -> (h, expert_ids) | (h, expert_ids, token_index)``."""
+
+_NORMS = ("l1", "raw")
+
+
+def num_kept_rows(n: int, ratio: float) -> int:
+    """Number of output rows left trainable out of ``n`` at masking ratio ``ratio``.
+
+    ``k = n - ceil(ratio * (n - 1))``: the count of values ``>= torch.quantile(x, ratio)`` for
+    ``n`` distinct values (the released MIGU code's rule). ``ratio`` is the masked fraction.
+    """
+    if n < 1:
+        raise ValueError(f"num_kept_rows needs n >= 1 output units, got n={n}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1] (the masked fraction), got {ratio}")
+    # The small epsilon keeps e.g. 0.7 * 10 = 7.000000000000001 from rounding up to 8.
+    return n - math.ceil(ratio * (n - 1) - 1e-9)
+
+
+@dataclass
+class _Target:
+    """One covered weight: a ``[F_out, D_in]`` linear weight or an ``[E, ...]`` expert weight."""
+
+    name: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    out_dim: int  # dimension of ``weight`` that indexes output units
+    acc: Tensor | None = None  # float32 [F_out] or [E, F_out]: summed token magnitudes
+    count: Tensor | None = None  # float32 [] or [E]: tokens accumulated
+    seen: bool = False  # whether a forward fed the accumulators since the last reset
+
+    @property
+    def is_expert(self) -> bool:
+        return self.weight.dim() == 3
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[self.out_dim]
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0] if self.is_expert else 1
+
+    def mask_shape(self) -> tuple[int, ...]:
+        """``[F_out]`` for a linear weight, ``[E, F_out]`` for an expert weight."""
+        if self.is_expert:
+            return (self.num_experts, self.out_features)
+        return (self.out_features,)
+
+    def weight_view(self, keep: Tensor) -> Tensor:
+        """Reshape a ``mask_shape()`` mask so that it broadcasts against ``weight``."""
+        if not self.is_expert:
+            return keep.unsqueeze(1)  # [F_out, 1]
+        if self.out_dim == 1:
+            return keep.unsqueeze(2)  # [E, F_out, 1]
+        return keep.unsqueeze(1)  # [E, 1, F_out]
+
+    def reset(self) -> None:
+        if self.acc is not None:
+            self.acc.zero_()
+            self.count.zero_()
+        self.seen = False
+
+
+class ExpertOutputProbe(nn.Module):
+    """Identity module that shows MIGU the per-expert outputs of a 3-D expert weight.
+
+    Put one in the experts module next to the weight it describes and call it on that weight's
+    outputs; it returns its input unchanged and costs nothing unless a forward hook is attached.
+
+    Args:
+        param_name: attribute name, on the module that owns this probe, of the expert weight
+            (``[E, F_out, D_in]`` or ``[E, D_in, F_out]``).
+        out_dim: 1 if the weight is ``[E, F_out, D_in]``, 2 if it is ``[E, D_in, F_out]``.
+        bias_name: optional attribute name of an ``[E, F_out]`` bias on the same module.
+    """
+
+    def __init__(self, param_name: str, out_dim: int, bias_name: str | None = None) -> None:
+        super().__init__()
+        if out_dim not in (1, 2):
+            raise ValueError(
+                f"out_dim must be 1 ([E, F_out, D_in]) or 2 ([E, D_in, F_out]), got {out_dim}"
+            )
+        self.migu_param = param_name
+        self.migu_out_dim = out_dim
+        self.migu_bias = bias_name
+
+    def forward(
+        self, h: Tensor, expert_ids: Tensor | None = None, token_index: Tensor | None = None
+    ) -> Tensor:
+        """Return ``h`` (``[n, F_out]`` with ``expert_ids [n]``, or ``[E, C, F_out]``)."""
+        return h
+
+    def extra_repr(self) -> str:
+        return f"param={self.migu_param!r}, out_dim={self.migu_out_dim}"
+
+
+def _abs_f32(x: Tensor) -> Tensor:
+    """``|x|`` in float32 (``abs`` is exact in any float dtype, so take it before casting)."""
+    return x.abs().to(torch.float32)
+
+
+def _matches(spec: TargetSpec, name: str, module: nn.Module) -> bool:
+    if spec is None:
+        return True
+    if callable(spec):
+        return bool(spec(name, module))
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class _RowMasker:
+    """Shared machinery: target discovery, token mask, gradient masking, freezing, hooks."""
+
+    _needs_stats = True  # False: no forward hooks (RandomMask)
+    _norm = "raw"  # MIGU sets the instance's norm
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ratio: float = 0.7,
+        targets: TargetSpec = None,
+        *,
+        enabled: bool = True,
+        mask_bias: bool = True,
+        skip_frozen: bool = True,
+        freeze_masked_rows: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(
+                f"ratio must be in [0, 1]: the fraction of rows masked per layer "
+                f"(0.7 updates the top 30%), got {ratio}"
+            )
+        if not (targets is None or callable(targets) or isinstance(targets, str | Sequence)):
+            raise ValueError(
+                "targets must be None, a predicate (name, module) -> bool, or glob patterns "
+                f"such as ['*.mlp.*'], got {type(targets).__name__}"
+            )
+        self.model = model
+        self.ratio = float(ratio)
+        self.enabled = bool(enabled)
+        self.mask_bias = bool(mask_bias)
+        self.freeze_masked_rows = bool(freeze_masked_rows)
+        self.last_masks: dict[str, Tensor] = {}
+        self._targets: dict[str, _Target] = {}
+        self._handles: list[RemovableHandle] = []
+        self._snapshot: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._token_mask: Tensor | None = None
+        self._target_spec = targets
+        self._skip_frozen = bool(skip_frozen)
+        self._discover()
+        if not self._targets:
+            raise ValueError(
+                f"{type(self).__name__} found no layer to cover: no trainable nn.Linear or expert "
+                f"probe matched targets={targets!r}; fix: widen `targets` (None covers every "
+                "nn.Linear), or unfreeze the layers (skip_frozen=True skips requires_grad=False)"
+            )
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+
+    # ------------------------------------------------------------------ discovery and hooks
+    def _keep(self, name: str, module: nn.Module, weight: Tensor) -> bool:
+        if self._skip_frozen and not weight.requires_grad:
+            return False
+        return _matches(self._target_spec, name, module)
+
+    def _discover(self) -> None:
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear):
+                if name in self._targets or not self._keep(name, module, module.weight):
+                    continue
+                target = _Target(name, module.weight, module.bias, out_dim=0)
+                self._targets[name] = target
+                if self._needs_stats:
+                    self._handles.append(module.register_forward_hook(self._linear_hook(target)))
+            elif hasattr(module, "migu_param") and hasattr(module, "migu_out_dim"):
+                parent_name = name.rpartition(".")[0]
+                parent = self.model.get_submodule(parent_name)
+                pname = f"{parent_name}.{module.migu_param}" if parent_name else module.migu_param
+                weight = getattr(parent, module.migu_param, None)
+                if not isinstance(weight, nn.Parameter):
+                    raise ValueError(
+                        f"expert probe {name!r} names migu_param={module.migu_param!r}, which is "
+                        f"not a Parameter of its parent module {parent_name!r}; fix: set "
+                        "migu_param to the attribute name of the [E, ...] expert weight"
+                    )
+                bias_name = getattr(module, "migu_bias", None)
+                bias = getattr(parent, bias_name) if bias_name else None
+                if not self._keep(pname, parent, weight):
+                    continue
+                target = self._make_expert_target(pname, weight, module.migu_out_dim, bias)
+                if self._needs_stats:
+                    self._handles.append(module.register_forward_hook(self._probe_hook(target)))
+
+    def _make_expert_target(
+        self, name: str, weight: nn.Parameter, out_dim: int, bias: nn.Parameter | None
+    ) -> _Target:
+        if weight.dim() != 3:
+            raise ValueError(
+                f"expert weight {name!r} must be 3-D [E, F_out, D_in] or [E, D_in, F_out], "
+                f"got shape {tuple(weight.shape)}; fix: register 2-D weights as nn.Linear"
+            )
+        if out_dim not in (1, 2):
+            raise ValueError(
+                f"expert weight {name!r}: out_dim must be 1 ([E, F_out, D_in]) or "
+                f"2 ([E, D_in, F_out]), got {out_dim}"
+            )
+        target = _Target(name, weight, bias, out_dim=out_dim)
+        if bias is not None and tuple(bias.shape) != target.mask_shape():
+            raise ValueError(
+                f"expert bias of {name!r} must have shape [E, F_out]={target.mask_shape()}, "
+                f"got {tuple(bias.shape)}"
+            )
+        if name in self._targets:
+            raise ValueError(f"expert weight {name!r} is already covered; register it once")
+        self._targets[name] = target
+        return target
+
+    def register_expert_weight(
+        self,
+        param: nn.Parameter,
+        out_dim: int,
+        *,
+        module: nn.Module | None = None,
+        capture_fn: CaptureFn | None = None,
+        name: str | None = None,
+        bias: nn.Parameter | None = None,
+    ) -> Callable[..., None]:
+        """Cover a 3-D expert weight that has no probe.
+
+        Args:
+            param: ``[E, F_out, D_in]`` (``out_dim=1``) or ``[E, D_in, F_out]`` (``out_dim=2``).
+            out_dim: dimension of ``param`` indexing output units.
+            module: with ``capture_fn``, the module to put a forward hook on.
+            capture_fn: ``(module, args, output) -> (h, expert_ids[, token_index])`` where
+                ``h`` is ``[n, F_out]`` (the outputs of ``param``) and ``expert_ids`` ``[n]``;
+                or ``h`` ``[E, C, F_out]`` with ``expert_ids=None``. It may recompute ``h``.
+            name: key for ``last_masks``; defaults to the parameter's name in the model.
+            bias: optional ``[E, F_out]`` bias masked with the same rows.
+
+        Returns:
+            ``record(h, expert_ids=None, token_index=None)``: feeds the accumulators by hand
+            (a no-op when disabled or when gradients are off).
+        """
+        if name is None:
+            name = next((n for n, p in self.model.named_parameters() if p is param), None)
+            if name is None:
+                raise ValueError(
+                    "register_expert_weight: param is not a parameter of the model; fix: pass "
+                    "name='...' explicitly"
+                )
+        if (module is None) != (capture_fn is None):
+            raise ValueError(
+                "register_expert_weight: pass both module and capture_fn (to install a forward "
+                "hook) or neither (and call the returned record function yourself)"
+            )
+        target = self._make_expert_target(name, param, out_dim, bias)
+
+        def record(
+            h: Tensor, expert_ids: Tensor | None = None, token_index: Tensor | None = None
+        ) -> None:
+            if self._needs_stats and self.enabled and torch.is_grad_enabled():
+                with torch.no_grad():
+                    self._accumulate_expert(target, h, expert_ids, token_index)
+
+        if module is not None and capture_fn is not None and self._needs_stats:
+
+            def hook(mod: nn.Module, args: tuple, output: object) -> None:
+                if self.enabled and torch.is_grad_enabled():
+                    record(*capture_fn(mod, args, output))
+
+            self._handles.append(module.register_forward_hook(hook))
+        return record
+
+    def _linear_hook(self, target: _Target) -> Callable[[nn.Module, tuple, Tensor], None]:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if self.enabled and torch.is_grad_enabled():
+                with torch.no_grad():
+                    self._accumulate_dense(target, output)
+
+        return hook
+
+    def _probe_hook(self, target: _Target) -> Callable[[nn.Module, tuple, Tensor], None]:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if self.enabled and torch.is_grad_enabled():
+                expert_ids = args[1] if len(args) > 1 else None
+                token_index = args[2] if len(args) > 2 else None
+                with torch.no_grad():
+                    self._accumulate_expert(target, args[0], expert_ids, token_index)
+
+        return hook
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Run :meth:`restore_` after every ``optimizer.step()`` (for ``freeze_masked_rows``)."""
+        handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.restore_())
+        self._handles.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        """Remove every hook this object installed (forward hooks and optimizer hooks)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> _RowMasker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ token mask
+    def set_token_mask(self, mask: Tensor | None) -> None:
+        """Count only the tokens where ``mask`` is non-zero (``[B, T]``, e.g. attention_mask).
+
+        The mask stays in force until replaced or cleared with ``None``. A covered layer whose
+        output has a different number of tokens than ``mask`` raises ``ValueError``.
+        """
+        if mask is None:
+            self._token_mask = None
+            return
+        if not isinstance(mask, Tensor) or mask.dim() < 1:
+            raise ValueError("token mask must be a tensor [B, T] (or [N]) of 0/1 values, or None")
+        self._token_mask = mask.detach().reshape(-1).to(torch.float32)
+
+    @contextmanager
+    def token_mask(self, mask: Tensor | None) -> Iterator[None]:
+        """Context manager form of :meth:`set_token_mask`; restores the previous mask."""
+        previous = self._token_mask
+        self.set_token_mask(mask)
+        try:
+            yield
+        finally:
+            self._token_mask = previous
+
+    def _mask_for(self, target: _Target, n: int, device: torch.device) -> Tensor | None:
+        mask = self._token_mask
+        if mask is None:
+            return None
+        if mask.numel() != n:
+            raise ValueError(
+                f"token mask has {mask.numel()} tokens but layer {target.name!r} produced {n}; "
+                "fix: set a mask matching this batch's [B, T], clear it with "
+                "set_token_mask(None), or exclude the layer via `targets`"
+            )
+        return mask.to(device)
+
+    # ------------------------------------------------------------------ accumulation
+    def _buffers(self, target: _Target, device: torch.device) -> tuple[Tensor, Tensor]:
+        if target.acc is None or target.acc.device != device:
+            target.acc = torch.zeros(target.mask_shape(), dtype=torch.float32, device=device)
+            count_shape = (target.num_experts,) if target.is_expert else ()
+            target.count = torch.zeros(count_shape, dtype=torch.float32, device=device)
+        target.seen = True
+        return target.acc, target.count
+
+    def _accumulate_dense(self, target: _Target, output: Tensor) -> None:
+        """Add one forward's ``[..., F_out]`` output of a linear layer to its accumulator."""
+        if not isinstance(output, Tensor) or output.shape[-1] != target.out_features:
+            raise ValueError(
+                f"layer {target.name!r}: expected an output tensor [..., {target.out_features}], "
+                f"got {getattr(output, 'shape', type(output).__name__)}"
+            )
+        a = _abs_f32(output.detach().reshape(-1, target.out_features))  # [N, F_out]
+        acc, count = self._buffers(target, a.device)
+        tok = self._mask_for(target, a.shape[0], a.device)  # [N] or None
+        weights = tok
+        if self._norm == "l1":
+            inv = a.sum(dim=1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
+            weights = inv if weights is None else inv * weights
+        acc += a.sum(dim=0) if weights is None else weights @ a
+        count += a.shape[0] if tok is None else tok.sum()
+
+    def _accumulate_expert(
+        self,
+        target: _Target,
+        h: Tensor,
+        expert_ids: Tensor | None,
+        token_index: Tensor | None,
+    ) -> None:
+        """Add ``[n, F_out]`` expert outputs (rows tagged by ``expert_ids``) to ``[E, F_out]``."""
+        num_experts, f_out = target.num_experts, target.out_features
+        if h.dim() == 3:
+            if h.shape[0] != num_experts or h.shape[2] != f_out or expert_ids is not None:
+                raise ValueError(
+                    f"expert weight {target.name!r}: per-expert outputs must be "
+                    f"[E={num_experts}, C, F_out={f_out}] with expert_ids=None, got "
+                    f"{tuple(h.shape)}"
+                )
+            expert_ids = torch.arange(num_experts, device=h.device).repeat_interleave(h.shape[1])
+            h = h.reshape(-1, f_out)
+        if h.dim() != 2 or h.shape[1] != f_out or expert_ids is None:
+            raise ValueError(
+                f"expert weight {target.name!r}: expected h [n, F_out={f_out}] with expert_ids "
+                f"[n], got h {tuple(h.shape)} and expert_ids "
+                f"{None if expert_ids is None else tuple(expert_ids.shape)}"
+            )
+        if expert_ids.shape != (h.shape[0],):
+            raise ValueError(
+                f"expert weight {target.name!r}: expert_ids must be [n={h.shape[0]}], got "
+                f"{tuple(expert_ids.shape)}"
+            )
+        a = _abs_f32(h.detach())  # [n, F_out]
+        acc, count = self._buffers(target, a.device)
+        ids = expert_ids.to(device=a.device, dtype=torch.long)
+        tok = None
+        if self._token_mask is not None and token_index is not None:
+            tok = self._token_mask.to(a.device)[token_index.to(a.device, torch.long)]  # [n]
+        weights = tok
+        if self._norm == "l1":
+            inv = a.sum(dim=1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
+            weights = inv if weights is None else inv * weights
+        acc.index_add_(0, ids, a if weights is None else a * weights.unsqueeze(1))
+        count.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32) if tok is None else tok)
+
+    # ------------------------------------------------------------------ masking
+    def _keep_mask(self, target: _Target) -> Tensor | None:
+        """Bool ``mask_shape()`` tensor of rows to keep, or ``None`` to leave the weight alone."""
+        raise NotImplementedError
+
+    def _topk_mask(self, scores: Tensor) -> Tensor:
+        """Keep the ``num_kept_rows`` largest entries along the last dimension of ``scores``."""
+        k = num_kept_rows(scores.shape[-1], self.ratio)
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        return keep.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+
+    @torch.no_grad()
+    def apply_(self) -> dict[str, Tensor]:
+        """Zero the gradient rows of every covered weight (and bias) outside the kept set.
+
+        Call after backward (and after ``GradScaler.unscale_``) and before ``optimizer.step()``.
+        Resets the accumulators. When disabled, only resets.
+
+        Returns:
+            ``{name: keep}`` with ``keep`` a bool ``[F_out]`` (linear) or ``[E, F_out]``
+            (expert) tensor, True for rows whose gradient was left intact; also stored in
+            ``last_masks``.
+        """
+        masks: dict[str, Tensor] = {}
+        self._snapshot = []
+        if self.enabled:
+            for target in self._targets.values():
+                grad = target.weight.grad
+                if grad is None:
+                    continue
+                keep = self._keep_mask(target)
+                if keep is None:
+                    continue
+                keep = keep.to(grad.device)
+                drop = ~target.weight_view(keep)
+                grad.masked_fill_(drop, 0.0)
+                bias = target.bias if self.mask_bias else None
+                if bias is not None and bias.grad is not None:
+                    bias.grad.masked_fill_(~keep, 0.0)
+                if self.freeze_masked_rows:
+                    weight = target.weight
+                    self._snapshot.append((weight, drop, weight.detach().masked_select(drop)))
+                    if bias is not None:
+                        self._snapshot.append((bias, ~keep, bias.detach().masked_select(~keep)))
+                masks[target.name] = keep
+        self.reset()
+        self.last_masks = masks
+        return masks
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        """Write back the rows masked by the last :meth:`apply_` (``freeze_masked_rows``).
+
+        Call after ``optimizer.step()``; runs automatically when an optimizer is attached.
+        A no-op without a pending snapshot.
+        """
+        for param, drop, saved in self._snapshot:
+            param.masked_scatter_(drop, saved)
+        self._snapshot = []
+
+    def reset(self) -> None:
+        """Clear the magnitude accumulators (done by :meth:`apply_`)."""
+        for target in self._targets.values():
+            target.reset()
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def covered(self) -> list[str]:
+        """Names of the covered weights (module names; parameter names for expert weights)."""
+        return list(self._targets)
+
+    def magnitudes(self) -> dict[str, Tensor]:
+        """Mean magnitude per output unit since the last reset: ``[F_out]`` or ``[E, F_out]``.
+
+        With ``norm="l1"`` this is the per-token L1-normalised magnitude averaged over counted
+        tokens; with ``"raw"`` the mean ``|h|``. Layers without a forward are omitted.
+        """
+        out: dict[str, Tensor] = {}
+        for name, t in self._targets.items():
+            if t.seen and t.acc is not None:
+                count = t.count.clamp_min(1.0)
+                out[name] = t.acc / (count.unsqueeze(-1) if t.is_expert else count)
+        return out
+
+
+class MIGU(_RowMasker):
+    """Magnitude-based gradient updating: keep the gradient rows with the largest outputs.
+
+    Args:
+        model: any ``nn.Module``; the hooks are placed on its submodules at construction.
+        ratio: fraction of rows masked per layer (and per expert); 0.7 updates the top 30%.
+            :func:`num_kept_rows` gives the exact count.
+        targets: which layers to cover (see :data:`TargetSpec`); default every trainable
+            ``nn.Linear`` (including LoRA's inner ``lora_A`` / ``lora_B``) and every expert probe.
+        norm: ``"l1"`` (paper: per-token ``|h| / ||h||_1``, averaged over tokens) or ``"raw"``
+            (released code: summed ``|h|``).
+        enabled: when False the hooks do nothing and :meth:`apply_` only resets (first task).
+        mask_bias: also zero the bias gradient of masked output units.
+        skip_frozen: leave out weights with ``requires_grad=False`` at construction (e.g. LoRA's
+            frozen base layers), saving their hook cost.
+        freeze_masked_rows: keep masked rows bit-exactly still through weight decay and
+            momentum (snapshot in :meth:`apply_`, write-back in :meth:`restore_`).
+        optimizer: optimizer whose ``step`` triggers :meth:`restore_` (with freezing).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ratio: float = 0.7,
+        targets: TargetSpec = None,
+        norm: str = "l1",
+        *,
+        enabled: bool = True,
+        mask_bias: bool = True,
+        skip_frozen: bool = True,
+        freeze_masked_rows: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if norm not in _NORMS:
+            raise ValueError(
+                f"norm must be one of {_NORMS} ('l1': paper, per-token L1-normalised; "
+                f"'raw': released code, summed |h|), got {norm!r}"
+            )
+        self._norm = norm
+        super().__init__(
+            model,
+            ratio,
+            targets,
+            enabled=enabled,
+            mask_bias=mask_bias,
+            skip_frozen=skip_frozen,
+            freeze_masked_rows=freeze_masked_rows,
+            optimizer=optimizer,
+        )
+
+    @property
+    def norm(self) -> str:
+        return self._norm
+
+    def _keep_mask(self, target: _Target) -> Tensor | None:
+        if not target.seen or target.acc is None:
+            return None  # no forward this step: its gradient is zero or stale; leave it alone
+        return self._topk_mask(target.acc)
+
+
+class RandomMask(_RowMasker):
+    """Control for MIGU: mask uniformly random rows, the same number per layer (and expert).
+
+    Same constructor and methods as :class:`MIGU` minus ``norm``; installs no forward hooks
+    (``set_token_mask`` and expert ``record`` functions are accepted and ignored). Every covered
+    weight with a gradient is masked at each :meth:`apply_`; masks are redrawn per call from a
+    private ``torch.Generator`` seeded with ``seed``.
+    """
+
+    _needs_stats = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ratio: float = 0.7,
+        seed: int = 0,
+        targets: TargetSpec = None,
+        *,
+        enabled: bool = True,
+        mask_bias: bool = True,
+        skip_frozen: bool = True,
+        freeze_masked_rows: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self._generator = torch.Generator().manual_seed(int(seed))
+        super().__init__(
+            model,
+            ratio,
+            targets,
+            enabled=enabled,
+            mask_bias=mask_bias,
+            skip_frozen=skip_frozen,
+            freeze_masked_rows=freeze_masked_rows,
+            optimizer=optimizer,
+        )
+
+    def _keep_mask(self, target: _Target) -> Tensor:
+        scores = torch.rand(target.mask_shape(), generator=self._generator)
+        return self._topk_mask(scores)

@@ -1,0 +1,38 @@
+"""rmoe model code: routing, experts and dispatch, the MoE block, losses, the decoder, accounting."""
+
+from .accounting import ModelCounts, count_model, flops_per_token, parameter_counts
+from .experts import DISPATCH_BACKENDS, Experts
+from .losses import load_balancing_loss, normalized_entropy, router_z_loss
+from .moe import MoEBlock, MoEOutput
+from .routing import ROUTERS, RecurrentCell, Router, RoutingResult, select_topk
+from .transformer import (
+    RMoECausalLMOutput,
+    RMoEForCausalLM,
+    RMoEModel,
+    RMoEModelOutput,
+    RMoEPreTrainedModel,
+)
+
+__all__ = [
+    "DISPATCH_BACKENDS",
+    "Experts",
+    "MoEBlock",
+    "MoEOutput",
+    "ModelCounts",
+    "RMoECausalLMOutput",
+    "RMoEForCausalLM",
+    "RMoEModel",
+    "RMoEModelOutput",
+    "RMoEPreTrainedModel",
+    "ROUTERS",
+    "RecurrentCell",
+    "Router",
+    "RoutingResult",
+    "count_model",
+    "flops_per_token",
+    "load_balancing_loss",
+    "normalized_entropy",
+    "parameter_counts",
+    "router_z_loss",
+    "select_topk",
+]

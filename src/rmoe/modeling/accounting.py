@@ -1,0 +1,168 @@
+"""Parameter and FLOP accounting from a config (router included), checked against real models.
+
+FLOPs count matrix multiplications only, as 2 x multiply-adds, for one token's forward pass;
+elementwise work (activations, norms, softmax, the cell's gates) is left out, as is the
+embedding lookup. Attention's score and value products use the average causal context
+(seq_len + 1) / 2. A training step costs about 3x the forward FLOPs.
+
+Router cost per MoE layer (multiply-adds per token), with D width, E experts, P state width:
+    linear / random   D*E
+    mlp               D*Hm + Hm*E
+    cosine            D*E
+    xmoe              D*r + r*E            (r = router_xmoe_dim)
+    recurrent         D*P + G*2*P^2 + scorer(P)   (G = 3 gru, 1 rnn, 4 lstm; the cell's
+                      input and hidden products are both counted, also for h_0 = 0, so RMoE,
+                      RMoE-NP and detached RMoE cost the same)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from ..config import RMoEConfig
+
+_GATES = {"gru": 3, "rnn": 1, "lstm": 4}
+
+
+@dataclass
+class ModelCounts:
+    """Parameter and FLOP counts of one configuration.
+
+    Attributes:
+        total_params: every parameter (embeddings, frozen router weights included).
+        active_params: parameters used per token (K of E routed experts).
+        router_params: all routers' parameters, including the shared recurrent cell.
+        expert_params: routed experts' parameters (all E, all layers).
+        embedding_params: input embedding + LM head (once if tied).
+        forward_flops_per_token: 2 x matmul multiply-adds per token, forward pass.
+        router_flops_per_token: the router's share of `forward_flops_per_token`.
+        breakdown: FLOPs per token by part (attention, attention_core, experts, shared,
+            dense_ffn, router, lm_head).
+        seq_len: context length used for attention FLOPs.
+    """
+
+    total_params: int
+    active_params: int
+    router_params: int
+    expert_params: int
+    embedding_params: int
+    forward_flops_per_token: int
+    router_flops_per_token: int
+    seq_len: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-ready)."""
+        return asdict(self)
+
+
+def _scorer_params_macs(kind: str, in_dim: int, cfg: RMoEConfig) -> tuple[int, int]:
+    e, b = cfg.num_experts, cfg.router_bias
+    if kind in ("linear", "random"):
+        return in_dim * e + (e if b else 0), in_dim * e
+    if kind == "mlp":
+        hm = cfg.router_mlp_hidden
+        return in_dim * hm + hm * e + ((hm + e) if b else 0), in_dim * hm + hm * e
+    if kind == "cosine":
+        return e * in_dim + 1, in_dim * e
+    if kind == "xmoe":
+        r = cfg.router_xmoe_dim
+        return in_dim * r + e * r + 1, in_dim * r + r * e
+    raise ValueError(f"unknown scorer {kind!r}")
+
+
+def router_layer_counts(cfg: RMoEConfig) -> tuple[int, int]:
+    """(parameters, multiply-adds per token) of ONE MoE layer's router, excluding the shared cell."""
+    if cfg.router_type != "recurrent":
+        return _scorer_params_macs(cfg.router_type, cfg.hidden_size, cfg)
+    d, p = cfg.hidden_size, cfg.router_dim
+    sp, sm = _scorer_params_macs(cfg.router_scorer, p, cfg)
+    return d * p + (p if cfg.router_bias else 0) + sp, d * p + sm
+
+
+def cell_counts(cfg: RMoEConfig) -> tuple[int, int]:
+    """(parameters, multiply-adds per token per MoE layer) of the shared recurrent cell."""
+    if cfg.router_type != "recurrent":
+        return 0, 0
+    g, p = _GATES[cfg.router_cell], cfg.router_dim
+    return 2 * g * p * p + 2 * g * p, 2 * g * p * p
+
+
+def count_config(cfg: RMoEConfig, seq_len: int | None = None) -> ModelCounts:
+    """Analytic parameter and FLOP counts for `cfg` (see module docstring)."""
+    seq_len = seq_len or cfg.max_position_embeddings
+    d, v = cfg.hidden_size, cfg.vocab_size
+    qd, kvd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    n_moe = len(cfg.moe_layer_indices)
+    n_dense = cfg.num_hidden_layers - n_moe
+    e, k, f = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    shared_f = cfg.num_shared_experts * cfg.shared_expert_intermediate_size
+
+    emb = v * d if cfg.tie_word_embeddings else 2 * v * d
+    attn_p = d * qd + 2 * d * kvd + qd * d
+    norms = 2 * d * cfg.num_hidden_layers + d
+    expert_p = n_moe * e * 3 * d * f
+    shared_p = n_moe * 3 * d * shared_f
+    dense_p = n_dense * 3 * d * cfg.intermediate_size
+    r_layer_p, r_layer_m = router_layer_counts(cfg)
+    cell_p, cell_m = cell_counts(cfg)
+    router_p = n_moe * r_layer_p + cell_p
+    total = emb + cfg.num_hidden_layers * attn_p + norms + expert_p + shared_p + dense_p + router_p
+    active = total - expert_p + n_moe * k * 3 * d * f
+
+    ctx = (seq_len + 1) / 2
+    breakdown = {
+        "attention": 2 * cfg.num_hidden_layers * attn_p,
+        "attention_core": int(2 * 2 * cfg.num_hidden_layers * qd * ctx),
+        "experts": 2 * n_moe * k * 3 * d * f,
+        "shared": 2 * n_moe * 3 * d * shared_f,
+        "dense_ffn": 2 * n_dense * 3 * d * cfg.intermediate_size,
+        "router": 2 * n_moe * (r_layer_m + cell_m),
+        "lm_head": 2 * d * v,
+    }
+    return ModelCounts(
+        total_params=total,
+        active_params=active,
+        router_params=router_p,
+        expert_params=expert_p,
+        embedding_params=emb,
+        forward_flops_per_token=sum(breakdown.values()),
+        router_flops_per_token=breakdown["router"],
+        seq_len=seq_len,
+        breakdown=breakdown,
+    )
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Count a built model's parameters by part (shared tensors counted once).
+
+    Returns dict with total, trainable, router (router modules + shared cell), experts.
+    """
+    seen: set[int] = set()
+    out = {"total": 0, "trainable": 0, "router": 0, "experts": 0}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        out["total"] += n
+        if p.requires_grad:
+            out["trainable"] += n
+        if ".router." in f".{name}" or "router_cell" in name:
+            out["router"] += n
+        elif ".experts." in f".{name}":
+            out["experts"] += n
+    # frozen parameters (random router) are still parameters
+    return out
+
+
+def count_model(model: nn.Module, seq_len: int | None = None) -> ModelCounts:
+    """`count_config` for a model's config (`model.config`)."""
+    return count_config(model.config, seq_len)
+
+
+def flops_per_token(cfg: RMoEConfig, seq_len: int | None = None) -> int:
+    """Forward FLOPs per token (2 x multiply-adds, matmuls only)."""
+    return count_config(cfg, seq_len).forward_flops_per_token

@@ -1,0 +1,158 @@
+"""The MoE block: route -> dispatch -> combine, plus shared experts and GW-MoE broadcasting.
+
+Shapes: B batch, T positions, N = B*T tokens, D width, E experts, K top-k, P router state width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import RMoEConfig
+from .experts import DenseMLP, Experts
+from .losses import load_balancing_loss, normalized_entropy, router_z_loss
+from .routing import RecurrentCell, RoutingResult, build_router
+
+
+@dataclass
+class MoEOutput:
+    """Result of one MoE block.
+
+    Attributes:
+        hidden: [B, T, D] block output (before the residual add).
+        routing: the router's `RoutingResult` (tensors over N = B*T tokens).
+        aux_loss: scalar float32 load-balancing loss of this layer (unscaled), or None.
+        z_loss: scalar float32 router z-loss of this layer (unscaled), or None.
+        gw_tokens: number of tokens that got the dense all-expert mixture (GW-MoE), 0 if off.
+    """
+
+    hidden: torch.Tensor
+    routing: RoutingResult
+    aux_loss: torch.Tensor | None
+    z_loss: torch.Tensor | None
+    gw_tokens: int
+
+
+def select_gw_tokens(
+    probs: torch.Tensor,
+    batch_shape: tuple[int, int],
+    threshold: float,
+    max_per_seq: int | None,
+    token_mask: torch.Tensor | None,
+    selection: str = "entropy",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Which tokens GW-MoE broadcasts to all experts.
+
+    A token is uncertain when its normalised router entropy H / ln E exceeds `threshold`; at
+    most `max_per_seq` per sequence are kept (the highest-entropy ones). With
+    selection="random" (the control) the same number of tokens per sequence is drawn uniformly
+    at random from the valid tokens instead.
+
+    Args:
+        probs: [N, E] router probabilities, N = B*T.
+        batch_shape: (B, T).
+        threshold: in [0, 1].
+        max_per_seq: cap per sequence, or None.
+        token_mask: [B, T] True for real tokens, or None.
+        selection: "entropy" or "random".
+
+    Returns:
+        [B, T] bool mask of broadcast tokens.
+    """
+    b, t = batch_shape
+    ent = normalized_entropy(probs.detach()).view(b, t)
+    valid = (
+        torch.ones(b, t, dtype=torch.bool, device=probs.device)
+        if token_mask is None
+        else token_mask.bool()
+    )
+    chosen = (ent > threshold) & valid
+    if max_per_seq is not None and max_per_seq < t:
+        score = ent.masked_fill(~chosen, -1.0)
+        top_v, top_i = score.topk(max_per_seq, dim=1)
+        capped = torch.zeros_like(chosen)
+        capped.scatter_(1, top_i, top_v > -0.5)
+        chosen = capped
+    if selection == "random":
+        count = chosen.sum(dim=1, keepdim=True)
+        r = torch.rand(b, t, device=probs.device, generator=generator).masked_fill(~valid, -1.0)
+        rank = r.argsort(dim=1, descending=True).argsort(dim=1)
+        chosen = (rank < count) & valid
+    return chosen
+
+
+class MoEBlock(nn.Module):
+    """Routed experts (+ optional shared experts) for one decoder layer."""
+
+    def __init__(self, config: RMoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router = build_router(config)
+        self.experts = Experts(
+            config.num_experts,
+            config.hidden_size,
+            config.moe_intermediate_size,
+            backend=config.experts_backend,
+        )
+        self.shared_experts = (
+            DenseMLP(
+                config.hidden_size,
+                config.num_shared_experts * config.shared_expert_intermediate_size,
+            )
+            if config.num_shared_experts > 0
+            else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor | None = None,
+        cell: RecurrentCell | None = None,
+        token_mask: torch.Tensor | None = None,
+        compute_losses: bool = True,
+    ) -> MoEOutput:
+        """Route, dispatch and combine.
+
+        Args:
+            x: [B, T, D] normalised FFN input; experts and router both consume it.
+            state: [N, P] incoming router state (recurrent router) or None.
+            cell: the model's shared recurrent cell, or None.
+            token_mask: [B, T] True for real tokens (padding excluded from the losses).
+            compute_losses: compute the balance and z losses.
+        """
+        b, t, d = x.shape
+        xf = x.reshape(b * t, d)
+        routing = self.router(xf, state, cell)
+        y = self.experts(xf, routing.topk_idx, routing.topk_weight)
+
+        gw_tokens = 0
+        cfg = self.config
+        if self.training and cfg.gw_entropy_threshold is not None:
+            chosen = select_gw_tokens(
+                routing.probs,
+                (b, t),
+                cfg.gw_entropy_threshold,
+                cfg.gw_max_tokens_per_seq,
+                token_mask,
+                cfg.gw_selection,
+            ).reshape(-1)
+            ui = torch.nonzero(chosen, as_tuple=True)[0]
+            gw_tokens = int(ui.numel())
+            if gw_tokens:
+                e = cfg.num_experts
+                all_idx = torch.arange(e, device=x.device).expand(gw_tokens, e)
+                dense = self.experts(xf[ui], all_idx, routing.probs[ui])
+                y = y.index_copy(0, ui, dense)
+
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xf)
+
+        aux = z = None
+        if compute_losses:
+            mask = None if token_mask is None else token_mask.reshape(-1)
+            aux = load_balancing_loss(routing.probs, routing.topk_idx, mask)
+            z = router_z_loss(routing.logits, mask)
+        return MoEOutput(y.view(b, t, d), routing, aux, z, gw_tokens)

@@ -1,0 +1,519 @@
+"""The rmoe decoder, top to bottom: RMSNorm, RoPE, attention, decoder layer, model, LM head.
+
+Shapes: B batch, T new positions, S = past + T key positions, D width, H query heads,
+Hkv key/value heads, Dh head width, V vocabulary, N = B*T tokens, P router state width.
+
+Data flow per layer (pre-norm):
+    h = h + Attn(RMSNorm(h))
+    x = RMSNorm(h)
+    MoE layer:   routing = Router_i(x, state) ; h = h + Experts(x, routing) ; state = routing.state
+    dense layer: h = h + MLP(x)                 ; state unchanged
+The recurrent router's state (per token, over depth) is threaded explicitly through this loop,
+starting from None (= h_0 = 0); it is never stored on a module and never recurrent over T.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from ..config import RMoEConfig
+from .experts import DenseMLP, Experts
+from .moe import MoEBlock
+from .routing import CosineScorer, RecurrentCell, RoutingResult, build_router_cell
+
+try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover - transformers 4.x
+    _init = nn.init  # type: ignore[assignment]
+
+_TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+# transformers renamed the KV-cache argument/output `past_key_values` -> `cache` during 5.x;
+# outputs carry whichever name the installed version's generation code reads.
+_CACHE_FIELD = (
+    "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm: x / rms(x) * weight, computed in float32. x [..., D] -> [..., D]."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for positions [B, T] -> cos, sin [B, 1, T, Dh] (rotate-half layout).
+
+    Computed on the fly (no buffers), so nothing needs re-initialising after loading.
+    """
+    inv_freq = 1.0 / (
+        theta
+        ** (
+            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+        )
+    )
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, Dh] rotated by cos/sin [B, 1, T, Dh]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads and RoPE, through
+    `F.scaled_dot_product_attention`; keys/values go through the KV cache when given."""
+
+    def __init__(self, config: RMoEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.o_proj._rmoe_residual_out = True
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """x [B, T, D]; attn_mask [B, 1, T, S] bool (True = attend) or None for plain causal."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.get_seq_length(self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        is_causal = attn_mask is None and past == 0 and t > 1
+        if attn_mask is None and past > 0 and t > 1:  # chunked prefill without padding
+            attn_mask = _causal_mask(b, t, past, None, x.device)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _causal_mask(
+    b: int, t: int, past: int, padding: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Boolean [B, 1, T, S] mask (True = attend): key j visible to query i iff j <= past + i and
+    key j is not padding. Fully masked rows (padding queries) attend to everything so SDPA never
+    produces NaN; their outputs are ignored."""
+    s = past + t
+    q_pos = torch.arange(t, device=device)[:, None] + past
+    k_pos = torch.arange(s, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None].expand(b, 1, t, s)
+    if padding is not None:
+        mask = mask & padding[:, None, None, -s:].bool()
+    empty = ~mask.any(dim=-1, keepdim=True)
+    return mask | empty
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: attention, then an MoE block (or a dense FFN)."""
+
+    def __init__(self, config: RMoEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_moe = layer_idx not in set(config.mlp_only_layers)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.is_moe:
+            self.moe = MoEBlock(config)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+            self.mlp.down_proj._rmoe_residual_out = True
+        self.drop = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: Cache | None,
+        router_state: torch.Tensor | None,
+        router_cell: RecurrentCell | None,
+        token_mask: torch.Tensor | None,
+        compute_losses: bool,
+    ):
+        """h [B, T, D] -> (h [B, T, D], router_state, MoEOutput | None)."""
+        h = h + self.drop(self.attn(self.input_norm(h), cos, sin, attn_mask, cache))
+        x = self.ffn_norm(h)
+        if not self.is_moe:
+            return h + self.drop(self.mlp(x)), router_state, None
+        out = self.moe(x, router_state, router_cell, token_mask, compute_losses)
+        return h + self.drop(out.hidden), out.routing.state, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RMoEModelOutput(ModelOutput):
+    """Output of `RMoEModel`.
+
+    last_hidden_state [B, T, D]; cache (named past_key_values on transformers versions before
+    the rename): the KV cache; hidden_states: per-layer inputs + final (if asked);
+    router_logits: tuple over MoE layers of [N, E] float32 (if asked); routing: tuple over MoE
+    layers of `RoutingResult` (if `output_routing=True`); aux_loss / z_loss: unscaled scalars
+    averaged over MoE layers; gw_tokens: tokens broadcast by GW-MoE, summed over layers.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    if _CACHE_FIELD == "cache":
+        cache: Cache | None = None
+    else:  # pragma: no cover - older transformers
+        past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    routing: tuple[RoutingResult, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    gw_tokens: int | None = None
+
+
+@dataclass
+class RMoECausalLMOutput(ModelOutput):
+    """Output of `RMoEForCausalLM`.
+
+    loss: LM cross-entropy + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
+    (when labels are given); lm_loss: the cross-entropy alone; logits [B, T, V]; the rest as in
+    `RMoEModelOutput`. aux_loss and z_loss are unscaled (multiply by the coefficients to get the
+    amounts added to `loss`).
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    if _CACHE_FIELD == "cache":
+        cache: Cache | None = None
+    else:  # pragma: no cover - older transformers
+        past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    routing: tuple[RoutingResult, ...] | None = None
+    gw_tokens: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+class RMoEPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and transformers plumbing shared by the rmoe models."""
+
+    config_class = RMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+    _supports_cache_class = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Documented in `RMoEConfig.initializer_range`."""
+        cfg = self.config
+        std = cfg.initializer_range
+        std_out = std / math.sqrt(2 * cfg.num_hidden_layers)
+        if isinstance(module, nn.Linear):
+            _init.normal_(
+                module.weight,
+                mean=0.0,
+                std=std_out if getattr(module, "_rmoe_residual_out", False) else std,
+            )
+            if module.bias is not None:
+                _init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            _init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Experts):
+            _init.normal_(module.gate_proj, mean=0.0, std=std)
+            _init.normal_(module.up_proj, mean=0.0, std=std)
+            _init.normal_(module.down_proj, mean=0.0, std=std_out)
+        elif isinstance(module, RMSNorm):
+            _init.ones_(module.weight)
+        elif isinstance(module, RecurrentCell):
+            bound = 1.0 / math.sqrt(module.dim)
+            for p in (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh):
+                _init.uniform_(p, -bound, bound)
+        elif isinstance(module, CosineScorer):
+            _init.normal_(module.expert_embeddings, mean=0.0, std=std)
+            _init.constant_(module.log_temperature, math.log(cfg.router_temperature_init))
+
+
+class RMoEModel(RMoEPreTrainedModel):
+    """Embeddings, the decoder stack with the shared recurrent router cell, the final norm."""
+
+    def __init__(self, config: RMoEConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # ONE cell shared by every MoE layer's router (None unless router_type="recurrent").
+        self.router_cell = build_router_cell(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        output_routing: bool = False,
+        output_hidden_states: bool | None = None,
+        compute_router_losses: bool | None = None,
+        past_key_values: Cache | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> RMoEModelOutput:
+        """Run the decoder.
+
+        Args:
+            input_ids: [B, T] token ids (or `inputs_embeds` [B, T, D]).
+            attention_mask: [B, S] 1 for real tokens, 0 for padding (S = past + T), or None.
+            position_ids: [B, T]; default: from the attention mask, else past + arange(T).
+            cache / past_key_values: a transformers `Cache` (either name).
+            use_cache: create and fill a `DynamicCache` when none is given.
+            output_router_logits: return every MoE layer's logits [N, E].
+            output_routing: return every MoE layer's `RoutingResult` (probabilities, chosen
+                experts, weights, router state) — for analysis; costs nothing extra otherwise.
+            output_hidden_states: return the hidden state entering each layer and the final one.
+            compute_router_losses: compute aux/z losses (default: in training mode).
+        """
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        if self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        if not use_cache:
+            cache = None
+        output_router_logits = (
+            cfg.output_router_logits if output_router_logits is None else output_router_logits
+        )
+        if compute_router_losses is None:
+            compute_router_losses = self.training
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t, _ = h.shape
+        past = cache.get_seq_length() if cache is not None else 0
+
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be a 2-D [batch, past + seq] padding mask, got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: use the fast causal path
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -t:]
+            else:
+                position_ids = torch.arange(past, past + t, device=h.device)[None].expand(b, t)
+        attn_mask = (
+            _causal_mask(b, t, past, attention_mask, h.device)
+            if attention_mask is not None
+            else None
+        )
+        token_mask = attention_mask[:, -t:].bool() if attention_mask is not None else None
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+
+        state = None  # h_0 = 0: the first MoE layer's router starts from zeros
+        hidden_states = [] if output_hidden_states else None
+        moe_outs = []
+        for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(h)
+            h, state, moe_out = layer(
+                h,
+                cos,
+                sin,
+                attn_mask,
+                cache,
+                state,
+                self.router_cell,
+                token_mask,
+                compute_router_losses,
+            )
+            if moe_out is not None:
+                moe_outs.append(moe_out)
+        h = self.norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+
+        aux = z = None
+        if compute_router_losses and moe_outs:
+            aux = torch.stack([o.aux_loss for o in moe_outs]).mean()
+            z = torch.stack([o.z_loss for o in moe_outs]).mean()
+        return RMoEModelOutput(
+            last_hidden_state=h,
+            **{_CACHE_FIELD: cache},
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            router_logits=tuple(o.routing.logits for o in moe_outs)
+            if output_router_logits
+            else None,
+            routing=tuple(o.routing for o in moe_outs) if output_routing else None,
+            aux_loss=aux,
+            z_loss=z,
+            gw_tokens=sum(o.gw_tokens for o in moe_outs),
+        )
+
+
+class RMoEForCausalLM(RMoEPreTrainedModel, GenerationMixin):
+    """`RMoEModel` with a language-modelling head; works with `generate` and the Auto classes."""
+
+    _tied_weights_keys = (
+        {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_V5 else ["lm_head.weight"]
+    )
+
+    def __init__(self, config: RMoEConfig) -> None:
+        super().__init__(config)
+        self.model = RMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        output_routing: bool = False,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> RMoECausalLMOutput:
+        """Logits, and the loss when `labels` [B, T] are given (shifted inside, -100 ignored,
+        transformers' convention). Router losses are computed in training, with labels, or
+        when router logits are requested; see `RMoEModel.forward` for the other arguments.
+        `logits_to_keep` > 0 computes logits for the last that many positions only."""
+        cfg = self.config
+        want_router = (
+            cfg.output_router_logits if output_router_logits is None else output_router_logits
+        )
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=want_router,
+            output_routing=output_routing,
+            output_hidden_states=output_hidden_states,
+            compute_router_losses=self.training or labels is not None or want_router,
+        )
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+
+        loss = lm_loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(logits.device)
+            lm_loss = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+            )
+            loss = lm_loss
+            if out.aux_loss is not None:
+                loss = loss + cfg.router_aux_loss_coef * out.aux_loss
+                if cfg.router_z_loss_coef > 0:
+                    loss = loss + cfg.router_z_loss_coef * out.z_loss
+        return RMoECausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=out.aux_loss,
+            z_loss=out.z_loss,
+            logits=logits,
+            **{_CACHE_FIELD: out[_CACHE_FIELD] if _CACHE_FIELD in out else None},
+            hidden_states=out.hidden_states,
+            router_logits=out.router_logits,
+            routing=out.routing,
+            gw_tokens=out.gw_tokens,
+        )

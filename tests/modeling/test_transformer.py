@@ -1,0 +1,117 @@
+import pytest
+import torch
+from tests.conftest import ROUTER_TYPES, tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from rmoe import RMoEConfig, RMoEForCausalLM, RMoEModel
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_save_load_identical_logits(tmp_path, router_type):
+    cfg = tiny_config(router_type=router_type, num_shared_experts=1, mlp_only_layers=[1])
+    model = RMoEForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, RMoEForCausalLM)
+    ids = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(model(ids).logits, loaded(ids).logits, rtol=0, atol=0)
+    if router_type == "random":  # still frozen after loading: a training step leaves it alone
+        router = loaded.model.layers[0].moe.router
+        before = [p.detach().clone() for p in router.parameters()]
+        loaded.train()
+        opt = torch.optim.AdamW(loaded.parameters(), lr=0.1, weight_decay=0.0)
+        loaded(ids, labels=ids).loss.backward()
+        opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, router.parameters()))
+
+
+def test_tied_embeddings_roundtrip(tmp_path):
+    cfg = tiny_config(tie_word_embeddings=True)
+    model = RMoEForCausalLM(cfg)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 256, (1, 5))
+    torch.testing.assert_close(model.eval()(ids).logits, loaded.eval()(ids).logits)
+
+
+def test_auto_classes_registered(tmp_path):
+    cfg = tiny_config()
+    cfg.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), RMoEConfig)
+    assert isinstance(AutoModel.from_config(cfg), RMoEModel)
+    assert isinstance(AutoModelForCausalLM.from_config(cfg), RMoEForCausalLM)
+
+
+def _greedy_no_cache(model, ids, n):
+    for _ in range(n):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_generate_with_cache_equals_recompute(router_type):
+    cfg = tiny_config(router_type=router_type)
+    model = RMoEForCausalLM(cfg).double().eval()
+    prompt = torch.randint(0, 256, (2, 5))
+    ref = _greedy_no_cache(model, prompt, 8)
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=cfg.pad_token_id,
+    )
+    assert torch.equal(out, ref)
+
+
+def test_left_padding_matches_unpadded():
+    cfg = tiny_config(router_type="recurrent")
+    model = RMoEForCausalLM(cfg).double().eval()
+    a = torch.randint(0, 256, (1, 6))
+    b = torch.randint(0, 256, (1, 4))
+    batch = torch.cat([torch.cat([torch.full((1, 2), 257), b], 1), a])
+    mask = torch.ones_like(batch)
+    mask[0, :2] = 0
+    out = model(batch, attention_mask=mask).logits
+    torch.testing.assert_close(out[1], model(a).logits[0])
+    torch.testing.assert_close(out[0, 2:], model(b).logits[0])
+
+
+def test_gqa_and_head_dim():
+    cfg = tiny_config(num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    model = RMoEForCausalLM(cfg)
+    assert model.model.layers[0].attn.k_proj.weight.shape == (16, 32)
+    assert model(torch.randint(0, 256, (2, 4))).logits.shape == (2, 4, 258)
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(num_experts_per_tok=9, num_experts=8), "num_experts_per_tok"),
+        (dict(router_type="recurent"), "nearest: 'recurrent'"),
+        (dict(router_cell="gruu"), "router_cell"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(mlp_only_layers=[7]), "mlp_only_layers"),
+        (dict(gw_entropy_threshold=2.0), "gw_entropy_threshold"),
+    ],
+)
+def test_config_rejects_bad_values(kw, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+        tiny_config(**kw)
+
+
+def test_initialisation_is_documented_scale():
+    cfg = tiny_config(router_type="recurrent", initializer_range=0.02, num_hidden_layers=2)
+    model = RMoEForCausalLM(cfg)
+    std = model.model.layers[0].moe.experts.gate_proj.std().item()
+    std_out = model.model.layers[0].moe.experts.down_proj.std().item()
+    assert 0.015 < std < 0.025
+    assert 0.007 < std_out < 0.013  # 0.02 / sqrt(2 * 2)
+    cell = model.model.router_cell
+    assert cell.weight_hh.abs().max() <= 1 / cfg.router_dim**0.5
