@@ -1,0 +1,72 @@
+"""The `rmoe` command: one entry point, one module per subcommand.
+
+Each subcommand module under `rmoe.cli` defines
+    add_parser(subparsers) -> argparse.ArgumentParser   (help text with an example)
+    run(args) -> int                                     (exit status)
+and is listed in `COMMANDS`. Modules are imported lazily so `rmoe --help` stays fast.
+Library errors (ValueError, FileNotFoundError, KeyError from configs) become one clear line on
+stderr and exit status 2, without a traceback (set RMOE_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS: dict[str, str] = {
+    "train": "rmoe.cli.train",
+    "eval": "rmoe.cli.evaluate",
+    "generate": "rmoe.cli.generate",
+    "info": "rmoe.cli.info",
+    "analyze": "rmoe.cli.analyze",
+    "finetune": "rmoe.cli.finetune",
+    "continual": "rmoe.cli.continual",
+    "experiment": "rmoe.cli.experiment",
+    "bench": "rmoe.cli.bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="rmoe",
+        description="Mixture-of-Experts language models with the layerwise recurrent router.",
+        epilog="Example: rmoe train tiny --out runs/demo && rmoe eval runs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # subcommand not part of this build
+                continue
+            raise
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the subcommand, turn library errors into one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+        if os.environ.get("RMOE_DEBUG"):
+            raise
+        print(f"rmoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rmoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
