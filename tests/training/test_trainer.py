@@ -103,8 +103,8 @@ def test_new_run_refuses_existing_checkpoints_and_bad_resume(micro_cfg, tmp_path
 
 
 def test_grad_accumulation_matches_big_batch(micro_cfg, tmp_path):
-    a = train(micro_cfg(train=dict(max_steps=3)), tmp_path / "a", progress=False)
-    b = train(
+    train(micro_cfg(train=dict(max_steps=3)), tmp_path / "a", progress=False)
+    train(
         micro_cfg(data=dict(grad_accum=2), train=dict(max_steps=3)), tmp_path / "b", progress=False
     )
     lm = lambda d: [  # noqa: E731

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 EXAMPLE = """examples:
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         progress=not args.no_progress,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0 if result.status != "interrupted" else 130
     ev = result.final_eval
     msg = f"{result.status} at step {result.step}; {result.tokens_per_s:,.0f} tokens/s"
     if ev:
