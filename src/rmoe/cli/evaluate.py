@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=100, help="0 = the whole split")
+    p.add_argument("--tokenizer", help="tokenizer.json or directory (default: the saved one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the JSON result here")
     return p
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_batches=args.max_batches,
         device=args.device,
+        tokenizer=args.tokenizer,
     )
     text = json.dumps(res, indent=2)
     print(text)

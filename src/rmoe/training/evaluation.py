@@ -12,27 +12,38 @@ from ..data import build_tokenizer, get_corpus, get_split_tokens
 from .trainer import evaluate_split, find_model_dir, resolve_device
 
 
-def load_model_and_tokenizer(path: str | Path, device: str = "auto"):
-    """(model in eval mode on device, tokenizer, run config dict or None) for a run or model dir."""
+def load_model_and_tokenizer(
+    path: str | Path, device: str = "auto", tokenizer: str | None = None
+):
+    """(model in eval mode on device, tokenizer, run config dict or None) for a run or model dir.
+
+    `tokenizer` overrides the saved tokenizer (a tokenizer.json file or directory)."""
     from transformers import AutoModelForCausalLM
 
     import rmoe  # noqa: F401  (registers the Auto classes)
 
     model_dir = find_model_dir(path)
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(dev).eval()
-    tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(path)
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"no tokenizer.json in {model_dir} or {path}; save the tokenizer next to the model"
-        )
-    tokenizer = build_tokenizer(str(tok_dir))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(dev).eval()
+    except (OSError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"could not load a model from {model_dir}: {first}") from exc
+    if tokenizer is not None:
+        tok = build_tokenizer(tokenizer)
+    else:
+        tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(path)
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.json in {model_dir} or {path}; save the tokenizer next to the model"
+            )
+        tok = build_tokenizer(str(tok_dir))
     run_cfg = None
     for cand in (Path(path) / "config.yaml", model_dir / "config.yaml"):
         if cand.is_file():
             run_cfg = yaml.safe_load(cand.read_text())
             break
-    return model, tokenizer, run_cfg
+    return model, tok, run_cfg
 
 
 def evaluate_path(
@@ -44,9 +55,10 @@ def evaluate_path(
     batch_size: int = 8,
     max_batches: int = 100,
     device: str = "auto",
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Loss, bits per byte and perplexity of a run/model on a corpus split."""
-    model, tokenizer, run_cfg = load_model_and_tokenizer(path, device)
+    model, tokenizer, run_cfg = load_model_and_tokenizer(path, device, tokenizer)
     data_cfg = (run_cfg or {}).get("data", {})
     corpus_spec = data or data_cfg.get("corpus", "python-stdlib")
     field = text_field or data_cfg.get("text_field", "text")
