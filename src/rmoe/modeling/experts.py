@@ -1,6 +1,7 @@
 """Routed experts: E SwiGLU FFNs stored as [E, ...] tensors, and the dispatch backends.
 
-Shapes: N tokens, D model width, F expert hidden width, E experts, K experts per token.
+Shapes: N tokens, D model width, F expert hidden width, E experts, K experts per token,
+S = N*K token-expert assignments.
 Weights use nn.Linear's [out, in] layout per expert:
     gate_proj [E, F, D], up_proj [E, F, D], down_proj [E, D, F]
     expert_e(x) = down_e( silu(gate_e x) * up_e x )
@@ -8,23 +9,39 @@ Weights use nn.Linear's [out, in] layout per expert:
 A dispatch backend is a function
     backend(x [N, D], idx [N, K], weight [N, K], gate [E, F, D], up [E, F, D], down [E, D, F])
         -> y [N, D],  y_n = sum_k weight[n, k] * expert_{idx[n, k]}(x_n)
-registered by name in `DISPATCH_BACKENDS`. Every backend is dropless. "loop" is the readable
-reference and the test oracle; faster backends must agree with it.
+registered by name in `DISPATCH_BACKENDS`. Every backend is dropless.
+
+    loop        the readable reference and the test oracle: one `nonzero` per expert.
+    sorted      sort the S assignments by expert once, run each expert on its contiguous slice
+                (one host sync for the per-expert counts), combine with one scatter-add.
+    grouped_mm  the same sort, then one `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`)
+                per projection with int32 offsets computed on the device: no host sync. Inner
+                sizes are zero-padded where the kernel needs 16-byte aligned strides.
+
+`resolve_backend("auto", x)` picks by device, dtype and torch version (`auto_backend` documents
+the rule); an explicitly requested `grouped_mm` that this torch/device/dtype cannot run falls back
+to `sorted` (logged once).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from functools import cache
 from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 DispatchFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     torch.Tensor,
 ]
+
+_TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__.split("+")[0])
 
 
 def swiglu(
@@ -34,6 +51,9 @@ def swiglu(
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+# ----------------------------------------------------------------------------------------------
+# loop: the oracle
+# ----------------------------------------------------------------------------------------------
 def dispatch_loop(
     x: torch.Tensor,
     idx: torch.Tensor,
@@ -54,6 +74,48 @@ def dispatch_loop(
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Shared steps of the fast backends: sort the assignments by expert, combine the results
+# ----------------------------------------------------------------------------------------------
+def sort_by_expert(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the S = N*K assignments by expert (stable, so tokens stay in order per expert).
+
+    Args:
+        idx: [N, K] expert of each assignment.
+
+    Returns:
+        expert_sorted [S] (expert ids, ascending), order [S] (flat assignment n*K + k of each
+        sorted slot), token [S] (its token n = order // K).
+    """
+    k = idx.shape[1]
+    expert_sorted, order = torch.sort(idx.reshape(-1), stable=True)
+    token = torch.div(order, k, rounding_mode="floor")
+    return expert_sorted, order, token
+
+
+def combine(
+    ys: torch.Tensor, token: torch.Tensor, order: torch.Tensor, weight: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Scale each sorted expert output by its routing weight and add it to its token.
+
+    Args:
+        ys: [S, D] expert outputs in sorted order.
+        token: [S] token of each sorted slot.
+        order: [S] flat assignment (n*K + k) of each sorted slot.
+        weight: [N, K] routing weights (any float dtype; cast to ys.dtype).
+        n: number of tokens N.
+
+    Returns:
+        [N, D] in ys.dtype.
+    """
+    ws = weight.reshape(-1).index_select(0, order).to(ys.dtype)
+    out = ys.new_zeros(n, ys.shape[1])
+    return out.index_add_(0, token, ys * ws[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# sorted: one sort, one host sync, one small GEMM chain per non-empty expert
+# ----------------------------------------------------------------------------------------------
 def dispatch_sorted(
     x: torch.Tensor,
     idx: torch.Tensor,
@@ -62,36 +124,173 @@ def dispatch_sorted(
     up: torch.Tensor,
     down: torch.Tensor,
 ) -> torch.Tensor:
-    """Sort token-assignments by expert once, run each expert on its contiguous slice, combine
-    with one scatter-add. One host sync (the per-expert counts)."""
-    n, k = idx.shape
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    tok = order // k
-    xs = x[tok]
-    counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()
-    outs = []
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            outs.append(swiglu(xs[start : start + c], gate[e], up[e], down[e]))
-        start += c
-    ys = torch.cat(outs, dim=0) if outs else xs.new_zeros(0, x.shape[1])
-    ys = ys * weight.reshape(-1)[order, None].to(ys.dtype)
-    out = torch.zeros_like(x)
-    out.index_add_(0, tok, ys)
-    return out
+    """Sort assignments by expert, run each expert on its contiguous slice, scatter-add back.
+
+    One host sync (the per-expert counts). Slices come from `split` and per-expert weights from
+    `unbind`, whose backward passes write one gradient tensor each instead of one zero-filled
+    full-size tensor per expert (what `xs[a:b]` / `gate[e]` would cost in backward).
+    """
+    n, num_experts = x.shape[0], gate.shape[0]
+    if idx.numel() == 0:
+        return torch.zeros_like(x)
+    expert_sorted, order, token = sort_by_expert(idx)
+    counts = torch.bincount(expert_sorted, minlength=num_experts).tolist()
+    xs = x.index_select(0, token)
+    outs = [
+        swiglu(x_e, g_e, u_e, d_e)
+        for x_e, g_e, u_e, d_e, c in zip(
+            xs.split(counts), gate.unbind(0), up.unbind(0), down.unbind(0), counts
+        )
+        if c
+    ]
+    ys = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return combine(ys, token, order, weight, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped_mm: one grouped GEMM per projection, offsets on the device
+# ----------------------------------------------------------------------------------------------
+@cache
+def _grouped_mm_fn() -> Callable[..., torch.Tensor] | None:
+    """torch.nn.functional.grouped_mm (torch >= 2.10) or torch._grouped_mm (2.8, 2.9), or None."""
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    return fn
+
+
+@cache
+def _cuda_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def grouped_mm_unsupported_reason(x: torch.Tensor, gate: torch.Tensor) -> str | None:
+    """Why the grouped_mm backend cannot run on x's device/dtype with this torch, or None.
+
+    CPU: torch >= 2.9 (2.8 has no CPU kernel), fp32/bf16/fp16; the 16-byte stride rule is met by
+    padding (see `dispatch_grouped_mm`). CUDA: bf16 on compute capability >= 8.0 with
+    torch >= 2.9 (torch 2.8: capability 9.x only). Other devices: not used.
+    """
+    if _grouped_mm_fn() is None:
+        return f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm"
+    if x.dtype != gate.dtype:
+        return f"input dtype {x.dtype} differs from expert weight dtype {gate.dtype}"
+    dev = x.device.type
+    if dev == "cpu":
+        if _TORCH_VERSION < "2.9":
+            return f"torch {torch.__version__} has no CPU grouped_mm kernel (needs >= 2.9)"
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"dtype {x.dtype} is not supported by the CPU grouped_mm kernel"
+        return None
+    if dev == "cuda":
+        if x.dtype != torch.bfloat16:
+            return f"CUDA grouped_mm needs bfloat16, got {x.dtype}"
+        cap = _cuda_capability(x.device.index if x.device.index is not None else 0)
+        if _TORCH_VERSION < "2.9":
+            return (
+                None if cap[0] == 9 else f"torch 2.8 grouped_mm needs sm90, got sm{cap[0]}{cap[1]}"
+            )
+        return None if cap >= (8, 0) else f"grouped_mm needs sm80+, got sm{cap[0]}{cap[1]}"
+    return f"grouped_mm is not used on device type {dev!r}"
+
+
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Every non-unit stride and the data pointer are multiples of 16 bytes."""
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(
+        (s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1
+    )
+
+
+def dispatch_grouped_mm(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """Sort assignments by expert, then one grouped GEMM per projection; no host sync.
+
+    Offsets (int32 [E], the end of each expert's rows) come from `searchsorted` on the sorted
+    expert ids, on the device. Where D or F times the element size is not a multiple of 16 bytes
+    (the kernel's stride rule), x and the weights are zero-padded to the next aligned size; the
+    padded hidden units are silu(0) * 0 = 0, so the result is unchanged.
+    Falls back to `dispatch_sorted` where `grouped_mm_unsupported_reason` says so.
+    """
+    reason = grouped_mm_unsupported_reason(x, gate)
+    if reason is not None:
+        _warn_fallback(reason)
+        return dispatch_sorted(x, idx, weight, gate, up, down)
+    n, d = x.shape
+    num_experts, f = gate.shape[0], gate.shape[1]
+    if idx.numel() == 0:
+        return torch.zeros_like(x)
+    expert_sorted, order, token = sort_by_expert(idx)
+    ids = torch.arange(num_experts, device=idx.device, dtype=expert_sorted.dtype)
+    offs = torch.searchsorted(expert_sorted, ids, right=True).to(torch.int32)
+    xs = x.index_select(0, token)
+
+    step = max(1, 16 // x.element_size())
+    dp, fp = -(-d // step) * step, -(-f // step) * step
+    w_gate, w_up, w_down = gate.transpose(1, 2), up.transpose(1, 2), down.transpose(1, 2)
+    if (dp, fp) != (d, f) or not all(_aligned(t) for t in (w_gate, w_up, w_down)):
+        xs = _pad_last(xs, dp)
+        # [E, D, F] views -> padded contiguous [E, Dp, Fp] / [E, Fp, Dp]
+        w_gate = F.pad(w_gate, (0, fp - f, 0, dp - d))
+        w_up = F.pad(w_up, (0, fp - f, 0, dp - d))
+        w_down = F.pad(w_down, (0, dp - d, 0, fp - f))
+    gmm = _grouped_mm_fn()
+    assert gmm is not None  # checked by grouped_mm_unsupported_reason
+    h = F.silu(gmm(xs, w_gate, offs=offs)) * gmm(xs, w_up, offs=offs)
+    ys = gmm(h, w_down, offs=offs)
+    if dp != d:
+        ys = ys[:, :d]
+    return combine(ys, token, order, weight, n)
+
+
+_warned: set[str] = set()
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("experts backend grouped_mm unavailable (%s); using 'sorted'", reason)
 
 
 DISPATCH_BACKENDS: MappingProxyType[str, DispatchFn] = MappingProxyType(
-    {"loop": dispatch_loop, "sorted": dispatch_sorted}
+    {"loop": dispatch_loop, "sorted": dispatch_sorted, "grouped_mm": dispatch_grouped_mm}
 )
 
 
-def resolve_backend(name: str, x: torch.Tensor) -> DispatchFn:
-    """The dispatch function for backend `name` on x's device and dtype ("auto" picks)."""
+def auto_backend(x: torch.Tensor, gate: torch.Tensor | None = None) -> str:
+    """The backend "auto" picks for x's device and dtype with this torch (measured rule).
+
+    CUDA: "grouped_mm" where it is supported (bf16, sm80+, torch >= 2.9; sm90 on torch 2.8) —
+    no host sync, one kernel per projection; otherwise "sorted".
+    CPU and other devices: "sorted". On CPU the grouped_mm kernel is itself a loop of per-group
+    GEMMs, so it ties with "sorted" in fp32 and is slower in bf16 (benchmarks/RESULTS.md).
+    """
+    if (
+        x.device.type == "cuda"
+        and grouped_mm_unsupported_reason(x, gate if gate is not None else x) is None
+    ):
+        return "grouped_mm"
+    return "sorted"
+
+
+def resolve_backend(name: str, x: torch.Tensor, gate: torch.Tensor | None = None) -> DispatchFn:
+    """The dispatch function for backend `name` on x's device and dtype ("auto" picks).
+
+    Args:
+        name: "auto" or a key of `DISPATCH_BACKENDS`.
+        x: [N, D] the tokens to dispatch (device and dtype decide "auto").
+        gate: the [E, F, D] expert weights, if known (their dtype also decides).
+    """
     if name == "auto":
-        name = "sorted"
+        name = auto_backend(x, gate)
     if name not in DISPATCH_BACKENDS:
         raise ValueError(
             f"experts backend {name!r} is not available here; choose one of "
@@ -117,8 +316,12 @@ class Experts(nn.Module):
     def forward(
         self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, backend: str | None = None
     ) -> torch.Tensor:
-        """x [N, D], idx [N, K], weight [N, K] -> [N, D] = sum_k weight * expert_idx(x)."""
-        fn = resolve_backend(backend or self.backend, x)
+        """x [N, D], idx [N, K], weight [N, K] -> [N, D] = sum_k weight * expert_idx(x).
+
+        `backend` overrides the module's backend for this call ("auto", "loop", "sorted",
+        "grouped_mm").
+        """
+        fn = resolve_backend(backend or self.backend, x, self.gate_proj)
         return fn(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj)
 
     def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""Dispatch backends agree with the loop oracle (forward and backward), plus auto/fallback rules."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from rmoe.modeling import experts as ex
+from rmoe.modeling.experts import DISPATCH_BACKENDS, Experts, auto_backend, resolve_backend
+
+FAST = [b for b in sorted(DISPATCH_BACKENDS) if b != "loop"]
+DTYPES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _experts(e: int, d: int, f: int, dtype: torch.dtype) -> Experts:
+    m = Experts(e, d, f)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return m.to(dtype)
+
+
+def _run(m: Experts, x, idx, w, backend: str, gy):
+    """Output and grads w.r.t. (x, routing weights, gate, up, down) for one backend."""
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    y = m(x, idx, w, backend=backend)
+    grads = torch.autograd.grad(y, [x, w, *m.parameters()], gy, allow_unused=True)
+    return [y, *grads]
+
+
+def _close(a: list, b: list, dtype: torch.dtype) -> None:
+    names = ["y", "dx", "dweight", "dgate", "dup", "ddown"]
+    for name, u, v in zip(names, a, b):
+        assert u is not None and v is not None, name
+        torch.testing.assert_close(u.float(), v.float(), **DTYPES[dtype], msg=name)
+
+
+CASES = {
+    # name: (N, E, K, idx builder)
+    "random": (33, 6, 2, None),
+    "one_token": (1, 4, 2, lambda: torch.tensor([[2, 0]])),
+    "all_on_one": (7, 4, 1, lambda: torch.full((7, 1), 3)),
+    "all_on_one_k2": (6, 4, 2, lambda: torch.tensor([[1, 3]] * 6)),
+    "empty_experts": (3, 8, 2, lambda: torch.tensor([[0, 1], [1, 0], [0, 7]])),
+    "all_experts": (5, 4, 4, lambda: torch.arange(4).repeat(5, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", FAST)
+def test_backend_matches_loop(backend: str, case: str, dtype: torch.dtype) -> None:
+    n, e, k, make = CASES[case]
+    d, f = 16, 24
+    m = _experts(e, d, f, dtype)
+    idx = torch.randn(n, e).topk(k, dim=-1).indices if make is None else make()
+    x = torch.randn(n, d, dtype=dtype)
+    w = torch.rand(n, k)  # float32 routing weights, as the router produces
+    gy = torch.randn(n, d, dtype=dtype)
+    want = _run(m, x, idx, w, "loop", gy)
+    got = _run(m, x, idx, w, backend, gy)
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("d,f", [(13, 7), (20, 6)])
+def test_unaligned_sizes_are_padded(backend: str, d: int, f: int) -> None:
+    """D, F whose strides are not 16-byte multiples (grouped_mm pads them)."""
+    m = _experts(5, d, f, torch.float32)
+    idx = torch.randn(19, 5).topk(2, dim=-1).indices
+    x, w, gy = torch.randn(19, d), torch.rand(19, 2), torch.randn(19, d)
+    _close(_run(m, x, idx, w, backend, gy), _run(m, x, idx, w, "loop", gy), torch.float32)
+
+
+def test_unused_experts_get_zero_gradients() -> None:
+    m = _experts(6, 8, 8, torch.float32)
+    idx = torch.tensor([[0, 1], [1, 0]])
+    for backend in FAST:
+        got = _run(m, torch.randn(2, 8), idx, torch.rand(2, 2), backend, torch.randn(2, 8))
+        for g in got[3:]:
+            assert torch.count_nonzero(g[2:]) == 0
+
+
+def test_noncontiguous_idx_and_gw_style_call() -> None:
+    """GW-MoE calls the experts with an expanded [n, E] index and [n, E] probabilities."""
+    m = _experts(4, 8, 8, torch.float32)
+    idx = torch.arange(4).expand(3, 4)
+    x, w, gy = torch.randn(3, 8), torch.softmax(torch.randn(3, 4), -1), torch.randn(3, 8)
+    want = _run(m, x, idx, w, "loop", gy)
+    for backend in FAST:
+        _close(_run(m, x, idx, w, backend, gy), want, torch.float32)
+
+
+def test_auto_rule_on_cpu() -> None:
+    x = torch.randn(4, 8)
+    assert auto_backend(x) == "sorted"
+    assert resolve_backend("auto", x) is DISPATCH_BACKENDS["sorted"]
+
+
+def test_unknown_backend_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="grouped_mm"):
+        resolve_backend("grouped", torch.randn(2, 2))
+
+
+def test_grouped_mm_falls_back_cleanly(monkeypatch, caplog) -> None:
+    """Where grouped_mm cannot run (here: forced), the backend logs once and uses `sorted`."""
+    monkeypatch.setattr(ex, "grouped_mm_unsupported_reason", lambda x, g: "forced for the test")
+    monkeypatch.setattr(ex, "_warned", set())
+    m = _experts(4, 8, 8, torch.float32)
+    idx = torch.tensor([[0, 1], [2, 3]])
+    x, w, gy = torch.randn(2, 8), torch.rand(2, 2), torch.randn(2, 8)
+    with caplog.at_level(logging.WARNING, logger=ex.__name__):
+        got = _run(m, x, idx, w, "grouped_mm", gy)
+        _run(m, x, idx, w, "grouped_mm", gy)
+    assert sum("forced for the test" in r.message for r in caplog.records) == 1
+    _close(got, _run(m, x, idx, w, "loop", gy), torch.float32)
+
+
+def test_grouped_mm_support_reasons() -> None:
+    x32 = torch.randn(2, 8)
+    assert ex.grouped_mm_unsupported_reason(x32, x32.to(torch.bfloat16)) is not None  # dtype mix
+    if ex._grouped_mm_fn() is not None and ex._TORCH_VERSION >= "2.9":
+        assert ex.grouped_mm_unsupported_reason(x32, x32) is None
+        x64 = x32.double()
+        assert "dtype" in ex.grouped_mm_unsupported_reason(x64, x64)
+
+
+def test_empty_input() -> None:
+    m = _experts(4, 8, 8, torch.float32)
+    for backend in DISPATCH_BACKENDS:
+        y = m(torch.randn(0, 8), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), backend)
+        assert y.shape == (0, 8)
