@@ -34,6 +34,11 @@ def test_train_writes_run_and_loads_with_auto(micro_cfg, tmp_path):
     ids = tok("def f(x):", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] == len(tok)
     assert latest_checkpoint(out).name == "step-0000010"
+    from transformers import pipeline
+
+    gen = pipeline("text-generation", model=str(out))
+    text = gen("The ", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The ") and len(text) > 4
 
 
 def test_resume_is_bit_identical(micro_cfg, tmp_path):

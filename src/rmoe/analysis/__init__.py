@@ -5,11 +5,29 @@
   activation ratios, RMoE's diversity score (expert matrices in the canonical [E, F, D]).
 * :mod:`rmoe.analysis.plots` — matplotlib figure writers (import explicitly; needs matplotlib).
 * :mod:`rmoe.analysis.report` — ``metrics.json`` + ``report.html``.
+* :mod:`rmoe.analysis.adapters` — one interface over the MoE layers of rmoe and Hugging Face
+  MoE families (router weights, canonical expert matrices, routing function, capture hooks).
+* :mod:`rmoe.analysis.run` — :func:`analyze`, the whole analysis of one or two checkpoints
+  (``rmoe analyze``); imported on first use since it needs matplotlib.
 
 Inputs are numpy arrays or torch tensors; outputs are numbers, numpy arrays or small frozen
 dataclasses with ``to_dict()``. Requires the ``analysis`` extra (scipy, matplotlib).
 """
 
+from typing import Any
+
+from rmoe.analysis.adapters import (
+    ExpertWeights,
+    LayerCapture,
+    MoEAdapter,
+    RoutingCapture,
+    RoutingDecision,
+    RoutingSpec,
+    expert_forward,
+    get_adapter,
+    route,
+    supported_families,
+)
 from rmoe.analysis.experts import (
     LinearFit,
     NeuronMatch,
@@ -56,6 +74,17 @@ from rmoe.analysis.routing import (
 
 __all__ = [
     "EntropySummary",
+    "ExpertWeights",
+    "LayerCapture",
+    "MoEAdapter",
+    "RoutingCapture",
+    "RoutingDecision",
+    "RoutingSpec",
+    "analyze",
+    "expert_forward",
+    "get_adapter",
+    "route",
+    "supported_families",
     "LinearFit",
     "LoadStats",
     "NeuronMatch",
@@ -96,3 +125,12 @@ __all__ = [
     "to_jsonable",
     "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy ``analyze`` (its module imports matplotlib)."""
+    if name == "analyze":
+        from rmoe.analysis.run import analyze
+
+        return analyze
+    raise AttributeError(f"module 'rmoe.analysis' has no attribute {name!r}")

@@ -9,7 +9,7 @@ registry or the process-wide backend.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,11 @@ from rmoe.analysis.routing import EntropySummary
 __all__ = [
     "plot_entropy_histograms",
     "plot_heatmap",
+    "plot_layer_curves",
     "plot_load_bars",
+    "plot_matrix_grid",
     "plot_rank_counts",
+    "plot_scatter_grid",
 ]
 
 _DPI = 110
@@ -194,6 +197,8 @@ def plot_load_bars(
     counts: Sequence[ArrayLike],
     layer_names: Sequence[str] | None = None,
     title: str = "Expert load per layer",
+    second: Sequence[ArrayLike] | None = None,
+    names: tuple[str, str] = ("A", "B"),
 ) -> Path:
     """Bar chart of tokens per expert for each layer, with the balanced level as a dashed line.
 
@@ -202,10 +207,16 @@ def plot_load_bars(
         counts: per layer, [E] assignment counts (``LoadStats.counts``).
         layer_names: one label per layer (default "layer i").
         title: figure title.
+        second: optional per-layer [E'] counts of a second model, drawn as bars next to the
+            first (as shares of the layer's assignments, so models with different token counts
+            compare); missing layers are left empty.
+        names: legend names of the two models when ``second`` is given.
     """
     n_layers = len(counts)
     if n_layers == 0:
         raise ValueError("counts is empty; pass one [E] count vector per layer")
+    if second is not None and len(second) > n_layers:
+        n_layers = len(second)
     names_ = (
         list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(n_layers)]
     )
@@ -214,16 +225,28 @@ def plot_load_bars(
     rows, cols = _grid(n_layers)
     fig = _new_figure(3.0 * cols, 2.0 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, c, name in zip(axes, counts, names_):
-        v = to_numpy(c, np.float64, "counts").ravel()
-        ax.bar(np.arange(v.size), v, width=0.9)
-        ax.axhline(v.mean(), color="black", linestyle="--", linewidth=0.8)
+    series = [counts] if second is None else [counts, second]
+    width = 0.9 / len(series)
+    for i, (ax, name) in enumerate(zip(axes, names_)):
+        for s, item in enumerate(series):
+            if i >= len(item):
+                continue
+            v = to_numpy(item[i], np.float64, "counts").ravel()
+            if second is not None:
+                v = v / max(v.sum(), 1.0)
+            x = np.arange(v.size) + (s - (len(series) - 1) / 2) * width
+            label = names[s] if second is not None else None
+            ax.bar(x, v, width=width, label=label)
+            ax.axhline(v.mean(), color="black", linestyle="--", linewidth=0.8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
+        if second is not None and i == 0:
+            ax.legend(fontsize=7)
     for ax in axes[n_layers:]:
         ax.set_visible(False)
-    fig.suptitle(f"{title} (dashed: balanced)", fontsize=10)
+    unit = " (share of assignments" if second is not None else " ("
+    fig.suptitle(f"{title}{unit}; dashed: balanced)", fontsize=10)
     return _save(fig, path)
 
 
@@ -232,6 +255,7 @@ def plot_rank_counts(
     counts: ArrayLike | Sequence[ArrayLike],
     titles: Sequence[str] | None = None,
     title: str = "Expert output-norm rank vs router-score rank",
+    max_cols: int = 4,
 ) -> Path:
     """Heat map(s) of norm-rank vs score-rank count matrices (rank 1 = largest).
 
@@ -241,6 +265,7 @@ def plot_rank_counts(
             :func:`~rmoe.analysis.experts.norm_score_rank_counts`) or a sequence (e.g. per layer).
         titles: one panel title per matrix.
         title: figure title.
+        max_cols: panels per row.
     """
     arr = counts if not isinstance(counts, (list, tuple)) else None
     if arr is not None and to_numpy(arr, name="counts").ndim == 2:
@@ -256,7 +281,7 @@ def plot_rank_counts(
         titles_ = [""]
     if len(titles_) != len(mats):
         raise ValueError(f"got {len(titles_)} titles for {len(mats)} matrices")
-    rows, cols = _grid(len(mats))
+    rows, cols = _grid(len(mats), max_cols)
     fig = _new_figure(3.2 * cols + 0.6, 3.0 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, m, t in zip(axes, mats, titles_):
@@ -278,4 +303,203 @@ def plot_rank_counts(
     for ax in axes[len(mats) :]:
         ax.set_visible(False)
     fig.suptitle(f"{title} (1 = largest)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_matrix_grid(
+    path: str | Path,
+    rows: Sequence[Sequence[ArrayLike | None]],
+    row_names: Sequence[str] | None = None,
+    col_names: Sequence[str] | None = None,
+    title: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+    colorbar_label: str = "",
+    tick_labels: Sequence[Sequence[str] | None] | None = None,
+) -> Path:
+    """A grid of heat maps on one colour scale, e.g. rows = models, columns = layers.
+
+    Args:
+        path: output file (PNG).
+        rows: rows of matrices ([R, C] each; None leaves the panel empty).
+        row_names: one label per row (shown on the first panel's y axis).
+        col_names: one title per column.
+        title: figure title.
+        vmin, vmax: colour limits (default: joint finite min/max).
+        cmap: matplotlib colour map name.
+        colorbar_label: label of the shared colour bar.
+        tick_labels: optional per-row tick labels for square matrices (e.g. expert names with
+            "SE" for a shared expert); None = integer ticks.
+    """
+    grid = [list(r) for r in rows]
+    if not grid or not any(m is not None for r in grid for m in r):
+        raise ValueError("rows is empty; pass at least one matrix")
+    n_rows, n_cols = len(grid), max(len(r) for r in grid)
+    if row_names is not None and len(row_names) != n_rows:
+        raise ValueError(f"got {len(row_names)} row_names for {n_rows} rows")
+    if col_names is not None and len(col_names) != n_cols:
+        raise ValueError(f"got {len(col_names)} col_names for {n_cols} columns")
+    mats = [[None if m is None else _matrix(m, "matrix") for m in r] for r in grid]
+    finite = np.concatenate(
+        [m[np.isfinite(m)].ravel() for r in mats for m in r if m is not None] or [np.zeros(1)]
+    )
+    lo = vmin if vmin is not None else float(finite.min()) if finite.size else 0.0
+    hi = vmax if vmax is not None else float(finite.max()) if finite.size else 1.0
+    fig = _new_figure(2.4 * n_cols + 1.0, 2.3 * n_rows + 0.5)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    image = None
+    for r, row in enumerate(mats):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            m = row[c] if c < len(row) else None
+            if m is None:
+                ax.set_visible(False)
+                continue
+            image = ax.imshow(m, vmin=lo, vmax=hi, cmap=cmap, interpolation="nearest")
+            labels = tick_labels[r] if tick_labels is not None else None
+            if labels is not None and m.shape[0] == m.shape[1] == len(labels):
+                ticks = np.arange(len(labels))
+                ax.set_xticks(ticks, labels=list(labels), rotation=90, fontsize=6)
+                ax.set_yticks(ticks, labels=list(labels), fontsize=6)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+                ax.tick_params(labelsize=6)
+            if r == 0 and col_names is not None:
+                ax.set_title(col_names[c], fontsize=9)
+            if c == 0 and row_names is not None:
+                ax.set_ylabel(row_names[r], fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=colorbar_label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_layer_curves(
+    path: str | Path,
+    panels: Mapping[str, Mapping[str, Sequence[float | None]]],
+    second: Mapping[str, Mapping[str, Sequence[float | None]]] | None = None,
+    names: tuple[str, str] = ("A", "B"),
+    title: str = "",
+    x_label: str = "MoE layer",
+    log_panels: Sequence[str] = (),
+    reference: Mapping[str, float] | None = None,
+) -> Path:
+    """Per-layer curves: one panel per quantity, one line per series (e.g. matrix type).
+
+    Args:
+        path: output file (PNG).
+        panels: {panel title: {series name: per-layer values (None/NaN = missing)}}.
+        second: the same structure for a second model, drawn dashed in the same colours.
+        names: the two models' names (legend) when ``second`` is given.
+        title: figure title.
+        x_label: x axis label.
+        log_panels: titles of panels drawn with a logarithmic y axis.
+        reference: {panel title: y} horizontal dotted reference lines (e.g. chance level).
+    """
+    titles = list(panels)
+    if second is not None:
+        titles += [t for t in second if t not in panels]
+    if not titles:
+        raise ValueError("panels is empty; pass at least one {title: {series: values}}")
+    rows, cols = _grid(len(titles), 3)
+    fig = _new_figure(3.6 * cols, 2.6 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colours = [f"C{i}" for i in range(10)]
+    for ax, t in zip(axes, titles):
+        models = [(panels.get(t, {}), "-", names[0])]
+        if second is not None:
+            models.append((second.get(t, {}), "--", names[1]))
+        drawn = False
+        for series, style, model_name in models:
+            for j, (label, values) in enumerate(series.items()):
+                y = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+                if not np.isfinite(y).any():
+                    continue
+                name = label if second is None else f"{model_name}: {label}"
+                ax.plot(
+                    np.arange(y.size),
+                    y,
+                    style,
+                    marker="o",
+                    markersize=3,
+                    color=colours[j % len(colours)],
+                    label=name,
+                )
+                drawn = True
+        if reference and t in reference:
+            ax.axhline(reference[t], color="grey", linestyle=":", linewidth=0.9)
+        if t in log_panels and drawn:
+            ax.set_yscale("log")
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel(x_label, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        if drawn:
+            ax.legend(fontsize=6)
+    for ax in axes[len(titles) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_scatter_grid(
+    path: str | Path,
+    rows: Sequence[Sequence[tuple[ArrayLike, ArrayLike | None] | None]],
+    row_names: Sequence[str] | None = None,
+    col_names: Sequence[str] | None = None,
+    title: str = "",
+    annotate: bool = False,
+) -> Path:
+    """A grid of 2-D scatter plots (e.g. PCA projections), rows = models, columns = layers.
+
+    Args:
+        path: output file (PNG).
+        rows: rows of (coords [M, >=2], labels [M] or None) — points coloured by label
+            (e.g. expert index); None leaves the panel empty.
+        row_names, col_names: row labels and column titles.
+        title: figure title.
+        annotate: write each point's label next to it (for a few points, e.g. experts).
+    """
+    grid = [list(r) for r in rows]
+    if not grid or not any(p is not None for r in grid for p in r):
+        raise ValueError("rows is empty; pass at least one (coords, labels) panel")
+    n_rows, n_cols = len(grid), max(len(r) for r in grid)
+    fig = _new_figure(2.6 * n_cols + 0.4, 2.4 * n_rows + 0.5)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r, row in enumerate(grid):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            item = row[c] if c < len(row) else None
+            if item is None:
+                ax.set_visible(False)
+                continue
+            coords = to_numpy(item[0], np.float64, "coords")
+            if coords.ndim != 2:
+                raise ValueError(f"coords must be [M, 2]; got shape {coords.shape}")
+            if coords.shape[1] < 2:
+                coords = np.concatenate([coords, np.zeros((coords.shape[0], 1))], axis=1)
+            labels = None if item[1] is None else to_numpy(item[1], name="labels").ravel()
+            ax.scatter(
+                coords[:, 0],
+                coords[:, 1],
+                c=labels if labels is not None else "C0",
+                cmap="tab20" if labels is not None else None,
+                s=10 if coords.shape[0] < 200 else 2,
+                alpha=0.8,
+                linewidths=0,
+            )
+            if annotate and labels is not None:
+                for (x, y), lab in zip(coords[:, :2], labels):
+                    ax.annotate(str(lab), (x, y), fontsize=6)
+            ax.tick_params(labelsize=6)
+            if r == 0 and col_names is not None:
+                ax.set_title(col_names[c], fontsize=9)
+            if c == 0 and row_names is not None:
+                ax.set_ylabel(row_names[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
