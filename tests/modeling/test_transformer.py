@@ -115,3 +115,27 @@ def test_initialisation_is_documented_scale():
     assert 0.007 < std_out < 0.013  # 0.02 / sqrt(2 * 2)
     cell = model.model.router_cell
     assert cell.weight_hh.abs().max() <= 1 / cfg.router_dim**0.5
+
+
+def test_seeded_init_shares_non_router_weights_across_routers():
+    models = {}
+    for rt, extra in [("linear", {}), ("recurrent", {}), ("xmoe", {}), ("recurrent", {"router_dim": 16})]:
+        m = RMoEForCausalLM(tiny_config(router_type=rt, **extra))
+        m.init_weights_seeded(123)
+        models[(rt, tuple(extra.items()))] = m
+    ref = next(iter(models.values()))
+    ref_sd = {k: v for k, v in ref.state_dict().items() if ".router." not in k}
+    for m in models.values():
+        sd = m.state_dict()
+        for k, v in ref_sd.items():
+            assert torch.equal(sd[k], v), k
+    a = RMoEForCausalLM(tiny_config(router_type="recurrent"))
+    a.init_weights_seeded(123)
+    b = RMoEForCausalLM(tiny_config(router_type="recurrent"))
+    b.init_weights_seeded(124)
+    assert not torch.equal(a.model.router_cell.weight_hh, b.model.router_cell.weight_hh)
+    assert not torch.equal(a.lm_head.weight, b.lm_head.weight)
+    # tied embeddings stay tied
+    t = RMoEForCausalLM(tiny_config(tie_word_embeddings=True))
+    t.init_weights_seeded(0)
+    assert t.lm_head.weight.data_ptr() == t.model.embed_tokens.weight.data_ptr()

@@ -137,3 +137,18 @@ def test_lr_schedule(micro_cfg):
     assert lr_factor(15, cfg) == 1.0
     cfg.optim.schedule = "linear"
     assert lr_factor(12, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_dense_log_spaced_eval_on_two_corpora(micro_cfg, tmp_path, corpus_file):
+    other = tmp_path / "other.txt"
+    other.write_text("import os\nprint(os.getcwd())\n" * 400)
+    cfg = micro_cfg(
+        data=dict(extra_eval=[f"text:{other}"]),
+        train=dict(max_steps=8, eval_log_points=4, eval_batches=1),
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if r.get("split") == "valid"]
+    steps = sorted({r["step"] for r in evals})
+    assert steps[0] == 0 and steps[-1] == 8 and len(steps) >= 4
+    assert {r["corpus"] for r in evals} == {f"text:{corpus_file}", f"text:{other}"}

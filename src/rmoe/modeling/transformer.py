@@ -265,32 +265,52 @@ class RMoEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Documented in `RMoEConfig.initializer_range`."""
+        self._init_module(module, _init, None)
+
+    def _init_module(self, module: nn.Module, ops, generator: torch.Generator | None) -> None:
+        """Initialise `module`'s own parameters with the init functions `ops` (torch.nn.init or
+        transformers.initialization), drawing from `generator` (None = the global RNG)."""
         cfg = self.config
         std = cfg.initializer_range
         std_out = std / math.sqrt(2 * cfg.num_hidden_layers)
+        g = {"generator": generator}
         if isinstance(module, nn.Linear):
-            _init.normal_(
-                module.weight,
-                mean=0.0,
-                std=std_out if getattr(module, "_rmoe_residual_out", False) else std,
-            )
+            out = getattr(module, "_rmoe_residual_out", False)
+            ops.normal_(module.weight, mean=0.0, std=std_out if out else std, **g)
             if module.bias is not None:
-                _init.zeros_(module.bias)
+                ops.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            _init.normal_(module.weight, mean=0.0, std=std)
+            ops.normal_(module.weight, mean=0.0, std=std, **g)
         elif isinstance(module, Experts):
-            _init.normal_(module.gate_proj, mean=0.0, std=std)
-            _init.normal_(module.up_proj, mean=0.0, std=std)
-            _init.normal_(module.down_proj, mean=0.0, std=std_out)
+            ops.normal_(module.gate_proj, mean=0.0, std=std, **g)
+            ops.normal_(module.up_proj, mean=0.0, std=std, **g)
+            ops.normal_(module.down_proj, mean=0.0, std=std_out, **g)
         elif isinstance(module, RMSNorm):
-            _init.ones_(module.weight)
+            ops.ones_(module.weight)
         elif isinstance(module, RecurrentCell):
             bound = 1.0 / math.sqrt(module.dim)
             for p in (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh):
-                _init.uniform_(p, -bound, bound)
+                ops.uniform_(p, -bound, bound, **g)
         elif isinstance(module, CosineScorer):
-            _init.normal_(module.expert_embeddings, mean=0.0, std=std)
-            _init.constant_(module.log_temperature, math.log(cfg.router_temperature_init))
+            ops.normal_(module.expert_embeddings, mean=0.0, std=std, **g)
+            ops.constant_(module.log_temperature, math.log(cfg.router_temperature_init))
+
+    @torch.no_grad()
+    def init_weights_seeded(self, seed: int) -> None:
+        """Re-initialise every weight from two private random streams: one for the routers
+        (router modules and the shared recurrent cell), one for everything else, each consumed
+        in module-name order. Models that differ only in the router therefore get identical
+        non-router weights for the same seed, whatever their routers draw."""
+        g_main = torch.Generator().manual_seed(int(seed))
+        g_router = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919)
+        for name, module in self.named_modules():
+            is_router = ".router." in f".{name}." or name.endswith("router_cell")
+            device_ok = all(p.device.type == "cpu" for p in module.parameters(recurse=False))
+            if not device_ok:
+                raise ValueError("init_weights_seeded must run before the model is moved to a device")
+            self._init_module(module, nn.init, g_router if is_router else g_main)
+        if self.config.tie_word_embeddings and hasattr(self, "tie_weights"):
+            self.tie_weights()
 
 
 class RMoEModel(RMoEPreTrainedModel):

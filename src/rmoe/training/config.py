@@ -33,6 +33,8 @@ class DataConfig:
             accumulation micro-steps).
         grad_accum: micro-steps per optimizer step (per process).
         cache_dir: token cache directory (None = $RMOE_CACHE_DIR or ~/.cache/rmoe/tokens).
+        extra_eval: further corpus specs whose valid split is evaluated at every evaluation
+            (e.g. the original domain during continual pre-training), same tokenizer.
     """
 
     corpus: str = "python-stdlib"
@@ -42,6 +44,7 @@ class DataConfig:
     batch_size: int = 16
     grad_accum: int = 1
     cache_dir: str | None = None
+    extra_eval: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +91,9 @@ class RunConfig:
         keep_last: checkpoints to keep.
         fsdp: shard with FSDP instead of DDP when launched on several GPUs.
         time_limit_s: stop (with a checkpoint) after this many seconds of training (0 = off).
+        eval_at: extra steps at which to evaluate (0 = before the first step).
+        eval_log_points: if > 0, also evaluate at step 0 and at about this many log-spaced steps
+            in [1, max_steps] (dense at the start: stability-gap curves).
     """
 
     max_steps: int = 1000
@@ -104,6 +110,8 @@ class RunConfig:
     keep_last: int = 2
     fsdp: bool = False
     time_limit_s: float = 0.0
+    eval_at: list[int] = field(default_factory=list)
+    eval_log_points: int = 0
 
 
 def _model_defaults() -> dict[str, Any]:
@@ -217,6 +225,12 @@ def _coerce(value: Any, like: Any, key: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key} expects a number, got {value!r}") from None
+    if isinstance(like, list):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return list(value)
     if isinstance(like, tuple):
         if isinstance(value, str):
             value = yaml.safe_load(value)

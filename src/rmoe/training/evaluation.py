@@ -12,9 +12,7 @@ from ..data import build_tokenizer, get_corpus, get_split_tokens
 from .trainer import evaluate_split, find_model_dir, resolve_device
 
 
-def load_model_and_tokenizer(
-    path: str | Path, device: str = "auto", tokenizer: str | None = None
-):
+def load_model_and_tokenizer(path: str | Path, device: str = "auto", tokenizer: str | None = None):
     """(model in eval mode on device, tokenizer, run config dict or None) for a run or model dir.
 
     `tokenizer` overrides the saved tokenizer (a tokenizer.json file or directory)."""

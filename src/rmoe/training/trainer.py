@@ -345,6 +345,18 @@ def train(
         s: get_split_tokens(corpus, tokenizer, s, cache_dir=cfg.data.cache_dir)
         for s in ("train", "valid")
     }
+    extra_eval = {
+        spec: get_split_tokens(
+            get_corpus(spec, text_field=cfg.data.text_field),
+            tokenizer,
+            "valid",
+            cache_dir=cfg.data.cache_dir,
+        )
+        for spec in cfg.data.extra_eval
+    }
+    eval_steps = set(int(s) for s in cfg.train.eval_at)
+    if cfg.train.eval_log_points > 0:
+        eval_steps |= log_spaced_steps(cfg.train.max_steps, cfg.train.eval_log_points)
 
     # --- model
     seed_everything(cfg.train.seed)
@@ -360,6 +372,8 @@ def train(
             f"{tokenizer.vocab_size} tokens; drop model.vocab_size (it is set from the tokenizer)"
         )
     model = RMoEForCausalLM(cfg.model_config(**model_kw))
+    # router weights from their own stream: arms differing only in the router share the rest
+    model.init_weights_seeded(cfg.train.seed)
     if init_from is not None:
         src = find_model_dir(init_from)
         _load_weights(model, src)
@@ -438,18 +452,25 @@ def train(
     train_model.train()
 
     def run_eval(at_step: int) -> dict[str, float]:
-        ev = evaluate_split(
-            model,
-            splits["valid"],
-            cfg.data.seq_len,
-            eval_bs,
-            cfg.train.eval_batches,
-            device,
-            amp,
-            di,
-        )
-        write({"step": at_step, "split": "valid", **{f"valid_{k2}": v for k2, v in ev.items()}})
+        ev = {}
+        for spec, split in [(cfg.data.corpus, splits["valid"]), *extra_eval.items()]:
+            res = evaluate_split(
+                model, split, cfg.data.seq_len, eval_bs, cfg.train.eval_batches, device, amp, di
+            )
+            write(
+                {
+                    "step": at_step,
+                    "split": "valid",
+                    "corpus": spec,
+                    **{f"valid_{k2}": v for k2, v in res.items()},
+                }
+            )
+            if not ev:
+                ev = res
         return ev
+
+    if 0 in eval_steps and step == 0:
+        final_eval = run_eval(0)
 
     stop = _StopFlag()
     try:
@@ -538,7 +559,9 @@ def train(
                     pbar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{tps:,.0f}")
             if pbar is not None:
                 pbar.update(1)
-            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+            if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or (
+                step in eval_steps
+            ):
                 final_eval = run_eval(step)
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{loss_v:.4f}", val_bpb=f"{final_eval['bpb']:.3f}")
@@ -557,9 +580,10 @@ def train(
         if pbar is not None:
             pbar.close()
     elapsed = time.perf_counter() - t_start
-    if status != "interrupted" and (
-        not final_eval or (cfg.train.eval_interval and step % cfg.train.eval_interval)
-    ):
+    evaluated_last = (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or (
+        step in eval_steps
+    )
+    if status != "interrupted" and (not final_eval or not evaluated_last):
         final_eval = run_eval(step)
     if steps_run or ckpt is None:
         save(step)
@@ -606,6 +630,15 @@ class _StopFlag:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+def log_spaced_steps(max_steps: int, points: int) -> set[int]:
+    """Step 0 plus about `points` log-spaced steps in [1, max_steps] (always including the last)."""
+    steps = {0, max_steps}
+    if points > 0:
+        for v in np.geomspace(1, max_steps, num=points):
+            steps.add(int(round(v)))
+    return steps
 
 
 def _check_resume_config(saved: TrainConfig, new: TrainConfig) -> None:
