@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -33,8 +34,8 @@ __all__ = [
 _DPI = 110
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
+def _new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -320,17 +321,21 @@ def plot_matrix_grid(
 ) -> Path:
     """A grid of heat maps on one colour scale, e.g. rows = models, columns = layers.
 
+    The panels are tiled into one image (blank gutters between them), which renders in a
+    fraction of the time of one axes per panel and keeps a single shared colour bar.
+
     Args:
         path: output file (PNG).
-        rows: rows of matrices ([R, C] each; None leaves the panel empty).
-        row_names: one label per row (shown on the first panel's y axis).
-        col_names: one title per column.
+        rows: rows of matrices ([R, C] each; None leaves the cell blank). Matrices of one row
+            are aligned at their top-left corner; cells are as large as the largest matrix.
+        row_names: one label per row (left of the row).
+        col_names: one title per column (above the column).
         title: figure title.
         vmin, vmax: colour limits (default: joint finite min/max).
         cmap: matplotlib colour map name.
         colorbar_label: label of the shared colour bar.
-        tick_labels: optional per-row tick labels for square matrices (e.g. expert names with
-            "SE" for a shared expert); None = integer ticks.
+        tick_labels: accepted for API compatibility; per-matrix tick labels are not drawn in
+            the tiled image (the row/column names identify the panels).
     """
     grid = [list(r) for r in rows]
     if not grid or not any(m is not None for r in grid for m in r):
@@ -341,39 +346,50 @@ def plot_matrix_grid(
     if col_names is not None and len(col_names) != n_cols:
         raise ValueError(f"got {len(col_names)} col_names for {n_cols} columns")
     mats = [[None if m is None else _matrix(m, "matrix") for m in r] for r in grid]
-    finite = np.concatenate(
-        [m[np.isfinite(m)].ravel() for r in mats for m in r if m is not None] or [np.zeros(1)]
-    )
+    shapes = [m.shape for r in mats for m in r if m is not None]
+    cell_h, cell_w = max(sh[0] for sh in shapes), max(sh[1] for sh in shapes)
+    gap = max(1, round(0.15 * max(cell_h, cell_w)))
+    height = n_rows * cell_h + (n_rows - 1) * gap
+    width = n_cols * cell_w + (n_cols - 1) * gap
+    canvas = np.full((height, width), np.nan)
+    for r, row in enumerate(mats):
+        for c, m in enumerate(row):
+            if m is not None:
+                y0, x0 = r * (cell_h + gap), c * (cell_w + gap)
+                canvas[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]] = m
+    finite = canvas[np.isfinite(canvas)]
     lo = vmin if vmin is not None else float(finite.min()) if finite.size else 0.0
     hi = vmax if vmax is not None else float(finite.max()) if finite.size else 1.0
-    fig = _new_figure(2.4 * n_cols + 1.0, 2.3 * n_rows + 0.5)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    image = None
-    for r, row in enumerate(mats):
-        for c in range(n_cols):
-            ax = axes[r, c]
-            m = row[c] if c < len(row) else None
-            if m is None:
-                ax.set_visible(False)
-                continue
-            image = ax.imshow(m, vmin=lo, vmax=hi, cmap=cmap, interpolation="nearest")
-            labels = tick_labels[r] if tick_labels is not None else None
-            if labels is not None and m.shape[0] == m.shape[1] == len(labels):
-                ticks = np.arange(len(labels))
-                ax.set_xticks(ticks, labels=list(labels), rotation=90, fontsize=6)
-                ax.set_yticks(ticks, labels=list(labels), fontsize=6)
-            else:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
-                ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
-                ax.tick_params(labelsize=6)
-            if r == 0 and col_names is not None:
-                ax.set_title(col_names[c], fontsize=9)
-            if c == 0 and row_names is not None:
-                ax.set_ylabel(row_names[r], fontsize=8)
-    if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=colorbar_label)
+    aspect = width / height
+    label_in = 0.3 + 0.065 * max((len(str(n)) for n in row_names or [""]), default=0)
+    fig_h = min(14.0, 1.9 * n_rows + 0.9)
+    image_h = fig_h - 0.9
+    fig_w = min(18.0, max(4.0, image_h * aspect + label_in + 1.6))
+    fig = _new_figure(fig_w, fig_h, layout=None)
+    ax = fig.add_axes(
+        (label_in / fig_w, 0.25 / fig_h, (fig_w - label_in - 1.5) / fig_w, image_h / fig_h)
+    )
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="white")
+    image = ax.imshow(canvas, vmin=lo, vmax=hi, cmap=colours, interpolation="nearest")
+    centres_x = [c * (cell_w + gap) + (cell_w - 1) / 2 for c in range(n_cols)]
+    centres_y = [r * (cell_h + gap) + (cell_h - 1) / 2 for r in range(n_rows)]
+    ax.set_xticks(centres_x, labels=list(col_names) if col_names else [""] * n_cols, fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(centres_y, labels=list(row_names) if row_names else [""] * n_rows, fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    cax = fig.add_axes(
+        (
+            (fig_w - 1.2) / fig_w,
+            0.25 / fig_h + image_h * 0.1 / fig_h,
+            0.15 / fig_w,
+            image_h * 0.8 / fig_h,
+        )
+    )
+    fig.colorbar(image, cax=cax, label=colorbar_label)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig_h)
     return _save(fig, path)
 
 
@@ -405,7 +421,15 @@ def plot_layer_curves(
     if not titles:
         raise ValueError("panels is empty; pass at least one {title: {series: values}}")
     rows, cols = _grid(len(titles), 3)
-    fig = _new_figure(3.6 * cols, 2.6 * rows + 0.4)
+    fig = _new_figure(3.6 * cols, 2.7 * rows + 0.5, layout=None)
+    fig.subplots_adjust(
+        left=0.07,
+        right=0.98,
+        bottom=0.5 / (2.7 * rows + 0.5) + 0.04,
+        top=1 - 0.5 / (2.7 * rows + 0.5) - 0.02,
+        wspace=0.3,
+        hspace=0.55,
+    )
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colours = [f"C{i}" for i in range(10)]
     for ax, t in zip(axes, titles):
@@ -413,19 +437,22 @@ def plot_layer_curves(
         if second is not None:
             models.append((second.get(t, {}), "--", names[1]))
         drawn = False
-        for series, style, model_name in models:
+        # One series per model: colour by model; several: colour by series, style by model.
+        by_model = all(len(series) <= 1 for series, _, _ in models)
+        for m_idx, (series, style, model_name) in enumerate(models):
             for j, (label, values) in enumerate(series.items()):
                 y = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
                 if not np.isfinite(y).any():
                     continue
-                name = label if second is None else f"{model_name}: {label}"
+                only_first = second is not None and t not in second
+                name = label if second is None or only_first else f"{model_name}: {label}"
                 ax.plot(
                     np.arange(y.size),
                     y,
-                    style,
+                    "-" if by_model else style,
                     marker="o",
                     markersize=3,
-                    color=colours[j % len(colours)],
+                    color=colours[(m_idx if by_model and not only_first else j) % len(colours)],
                     label=name,
                 )
                 drawn = True
@@ -468,7 +495,16 @@ def plot_scatter_grid(
     if not grid or not any(p is not None for r in grid for p in r):
         raise ValueError("rows is empty; pass at least one (coords, labels) panel")
     n_rows, n_cols = len(grid), max(len(r) for r in grid)
-    fig = _new_figure(2.6 * n_cols + 0.4, 2.4 * n_rows + 0.5)
+    height = 2.4 * n_rows + 0.5
+    fig = _new_figure(2.6 * n_cols + 0.6, height, layout=None)
+    fig.subplots_adjust(
+        left=0.6 / (2.6 * n_cols + 0.6),
+        right=0.98,
+        bottom=0.3 / height,
+        top=1 - 0.55 / height,
+        wspace=0.3,
+        hspace=0.3,
+    )
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, row in enumerate(grid):
         for c in range(n_cols):
@@ -488,7 +524,7 @@ def plot_scatter_grid(
                 coords[:, 1],
                 c=labels if labels is not None else "C0",
                 cmap="tab20" if labels is not None else None,
-                s=10 if coords.shape[0] < 200 else 2,
+                s=25 if coords.shape[0] < 200 else 2,
                 alpha=0.8,
                 linewidths=0,
             )
