@@ -42,7 +42,7 @@ class TinyExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], expert_ids [N] -> [N, D]."""
         h = torch.einsum("nd,nfd->nf", x, self.w_up[expert_ids]) + self.b_up[expert_ids]
-        h = self.up_probe(h, expert_ids, torch.arange(len(x)))
+        h = self.up_probe(h, expert_ids, token_index=torch.arange(len(x)))
         y = torch.einsum("nf,nfd->nd", F.gelu(h), self.w_down[expert_ids])
         return self.down_probe(y, expert_ids)
 
@@ -260,6 +260,30 @@ def test_expert_magnitudes_match_loop_oracle() -> None:
     torch.testing.assert_close(migu.magnitudes()["w_up"], torch.stack(expected))
 
 
+def test_expert_token_mask_and_per_expert_batches() -> None:
+    torch.manual_seed(12)
+    model = TinyExperts()
+    migu = MIGU(model, norm="raw")
+    x, ids = _expert_batch()
+    real = torch.rand(len(x)) > 0.3
+    with migu.token_mask(real):
+        model(x, ids)
+    with torch.no_grad():
+        expected = torch.stack(
+            [
+                (x[(ids == e) & real] @ model.w_up[e].T + model.b_up[e]).abs().mean(0)
+                for e in range(3)
+            ]
+        )
+    torch.testing.assert_close(migu.magnitudes()["w_up"], expected)
+    # per-expert batches [E, C, F_out] fed by hand through the returned record function
+    extra = nn.Parameter(torch.randn(3, 4, 5))
+    record = migu.register_expert_weight(extra, out_dim=2, name="extra")
+    h = torch.randn(3, 7, 5)
+    record(h)
+    torch.testing.assert_close(migu.magnitudes()["extra"], h.abs().mean(1))
+
+
 def test_register_expert_weight_with_capture_fn() -> None:
     torch.manual_seed(7)
 
@@ -359,7 +383,8 @@ def test_freeze_with_manual_restore() -> None:
     assert torch.equal(model.fc1.weight.detach()[~keep], before["fc1.weight"][~keep])
 
 
-def test_grad_scaler_pattern() -> None:
+@pytest.mark.parametrize("mask_first", [False, True])
+def test_grad_scaler_pattern(mask_first: bool) -> None:
     torch.manual_seed(11)
     model = TinyMLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -369,8 +394,12 @@ def test_grad_scaler_pattern() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(torch.randn(2, 4, 8)).float().pow(2).mean()
     scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    masks = migu.apply_()
+    if mask_first:  # masking the scaled gradient: zeros stay zeros through unscale_
+        masks = migu.apply_()
+        scaler.unscale_(opt)
+    else:
+        scaler.unscale_(opt)
+        masks = migu.apply_()
     scaler.step(opt)
     scaler.update()
     for name, keep in masks.items():

@@ -6,12 +6,14 @@ The arms run interleaved in rounds (A B [C] A B [C] ...) on one model and one op
 an arm's steps its ``MIGU`` is constructed (hooks attached), after them it is removed, both
 outside the timed region. Sharing the model keeps memory placement identical across arms
 (separate deep copies differed by up to ~4% between two plain copies on a 2-core VM), and the
-interleaving spreads machine drift over every arm. A round's time for an arm is the fastest of its ``steps`` steps
-(the minimum is the estimate least disturbed by other processes on a shared machine); the
-overhead is the median over rounds of the per-round ratio to ``plain``, reported with its min and
-max over rounds, for wall-clock time and for process CPU time (``time.process_time``, less
-sensitive to other processes competing for the cores). The load average is recorded too. Result: a JSON dict (printed by
-:func:`main`, optionally written to ``--out``).
+interleaving spreads machine drift over every arm.
+
+A round's time for an arm is the fastest of its ``steps`` steps (the minimum is the estimate
+least disturbed by other processes on a shared machine). The overhead is the median over rounds
+of the per-round ratio to ``plain``, with its min and max over rounds, for wall-clock time and
+for process CPU time (``time.process_time``, less sensitive to other processes competing for the
+cores). The load average is recorded too. Result: a JSON dict (printed by :func:`main`,
+optionally written to ``--out``).
 """
 
 from __future__ import annotations

@@ -38,14 +38,15 @@ interpolation) when the values are distinct, i.e. the released code's rule. Rows
 ``topk``, so the count is exactly ``k`` even with ties (the code's ``>=`` keeps every tied row).
 Examples: n=10, ratio=0.7 -> 3 kept; n=16 -> 5; n=64 -> 19; ratio=0 keeps all; ratio=1 keeps 1.
 
-Mixed precision. Magnitudes are accumulated in float32 whatever the activation dtype, so the hooks
-work under ``torch.autocast`` (bf16/fp16 outputs). :meth:`MIGU.apply_` edits ``param.grad`` in
-place, i.e. the gradient the optimizer steps, by multiplying masked rows by 0 (like the released
-code's ``grad *= mask``; ~15x faster on CPU than ``masked_fill_`` with a broadcast mask). With a
-``GradScaler``, call it after ``scaler.unscale_(opt)``. Masking the still-scaled gradient is
-equally correct: a finite entry times 0 is 0, and stays 0 after unscaling; an inf/NaN times 0 is
-NaN, so the scaler still sees the overflow and skips the step. Without a scaler, a non-finite
-gradient in a masked row therefore stays non-finite (NaN) rather than being cleaned to 0.
+Mixed precision. Magnitudes are accumulated in float32 whatever the activation dtype, so the
+hooks work under ``torch.autocast`` (bf16/fp16 outputs). :meth:`MIGU.apply_` edits
+``param.grad`` in place, i.e. the gradient the optimizer steps, by multiplying masked rows by 0
+(like the released code's ``grad *= mask``; ~15x faster on CPU than ``masked_fill_`` with a
+broadcast mask). With a ``GradScaler``, call it after ``scaler.unscale_(opt)``. Masking the
+still-scaled gradient is equally correct: a finite entry times 0 is 0, and stays 0 after
+unscaling; an inf/NaN times 0 is NaN, so the scaler still sees the overflow and skips the step.
+Without a scaler, a non-finite gradient in a masked row therefore stays non-finite (NaN) rather
+than being cleaned to 0.
 
 How optimizers move rows whose gradient is zero (why ``freeze_masked_rows`` exists). Zeroing
 ``W.grad[i]`` stops row ``i`` only for plain SGD without momentum and without weight decay.
@@ -318,7 +319,8 @@ class _RowMasker:
                     continue
                 target = self._make_expert_target(pname, weight, module.migu_out_dim, bias)
                 if self._needs_stats:
-                    self._handles.append(module.register_forward_hook(self._probe_hook(target)))
+                    hook = self._probe_hook(target)
+                    self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def _make_expert_target(
         self, name: str, weight: nn.Parameter, out_dim: int, bias: nn.Parameter | None
@@ -408,13 +410,14 @@ class _RowMasker:
 
         return hook
 
-    def _probe_hook(self, target: _Target) -> Callable[[nn.Module, tuple, Tensor], None]:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+    def _probe_hook(self, target: _Target) -> Callable[[nn.Module, tuple, dict, Tensor], None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             if self.enabled and torch.is_grad_enabled():
-                expert_ids = args[1] if len(args) > 1 else None
-                token_index = args[2] if len(args) > 2 else None
+                bound = dict(zip(("h", "expert_ids", "token_index"), args)) | kwargs
                 with torch.no_grad():
-                    self._accumulate_expert(target, args[0], expert_ids, token_index)
+                    self._accumulate_expert(
+                        target, bound["h"], bound.get("expert_ids"), bound.get("token_index")
+                    )
 
         return hook
 
