@@ -132,3 +132,49 @@ def test_empty_input() -> None:
     for backend in DISPATCH_BACKENDS:
         y = m(torch.randn(0, 8), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), backend)
         assert y.shape == (0, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks: each suite's --quick main runs and writes its JSON; `rmoe bench` finds the folder
+# ----------------------------------------------------------------------------------------------
+SMOKE_ARGS = ["--quick", "--threads", "1", "--warmup", "0", "--repeats", "1", "--device", "cpu"]
+
+
+@pytest.fixture
+def keep_threads():
+    """The suites call torch.set_num_threads; restore the session's setting afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("suite", ["layer", "flops", "step"])
+def test_benchmark_quick_writes_json(suite: str, tmp_path, keep_threads) -> None:
+    import importlib
+    import json
+
+    module = importlib.import_module(f"benchmarks.{suite}")
+    assert module.main([*SMOKE_ARGS, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / f"{suite}.json").read_text())
+    assert data["suite"] == suite
+    for key in ("cpu_model", "cpu_cores", "torch", "device", "date"):
+        assert data["machine"][key] is not None
+    assert (tmp_path / f"{suite}.md").read_text().startswith(f"# benchmark `{suite}`")
+
+
+def test_bench_cli_finds_folder_and_reports_absence(tmp_path) -> None:
+    from rmoe.cli import bench
+
+    found = bench.find_benchmarks()
+    assert (found / "layer.py").is_file()
+    with pytest.raises(FileNotFoundError, match="--bench-dir"):
+        bench.find_benchmarks(str(tmp_path / "nowhere"))
+
+
+def test_bench_cli_runs_a_suite(tmp_path, capsys, keep_threads) -> None:
+    from rmoe.cli.main import main
+
+    assert main(["bench", "flops", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "flops.json").is_file()
+    assert main(["bench", "flops", "--bench-dir", str(tmp_path / "missing")]) == 2
+    assert "benchmarks/ folder not found" in capsys.readouterr().err

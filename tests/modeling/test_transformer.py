@@ -139,3 +139,19 @@ def test_seeded_init_shares_non_router_weights_across_routers():
     t = RMoEForCausalLM(tiny_config(tie_word_embeddings=True))
     t.init_weights_seeded(0)
     assert t.lm_head.weight.data_ptr() == t.model.embed_tokens.weight.data_ptr()
+
+
+def test_batched_left_padded_generate_equals_single():
+    cfg = tiny_config(router_type="recurrent")
+    model = RMoEForCausalLM(cfg).double().eval()
+    a = torch.randint(0, 256, (1, 6))
+    b = torch.randint(0, 256, (1, 3))
+    batch = torch.cat([torch.cat([torch.full((1, 3), cfg.pad_token_id), b], 1), a])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=cfg.pad_token_id)
+    out = model.generate(batch, attention_mask=mask, **kw)
+    single_a = model.generate(a, attention_mask=torch.ones_like(a), **kw)
+    single_b = model.generate(b, attention_mask=torch.ones_like(b), **kw)
+    assert torch.equal(out[1], single_a[0])
+    assert torch.equal(out[0, 3:], single_b[0])
