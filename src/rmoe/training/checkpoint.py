@@ -56,14 +56,20 @@ def save_checkpoint(
     tokenizer,
     state: dict[str, Any],
     keep_last: int,
+    model_state_dict: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically, refresh the run-level model files, prune old ones."""
+    """Write checkpoints/step-N atomically, refresh the run-level model files, prune old ones.
+
+    `model_state_dict` overrides the model's own (e.g. the gathered full state of an FSDP model)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=root))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if model_state_dict is not None:
+            model.save_pretrained(tmp, state_dict=model_state_dict, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save(tmp)
         torch.save(state, tmp / STATE_FILE)

@@ -89,7 +89,8 @@ class RunConfig:
         eval_batch_size: sequences per evaluation batch (0 = the training micro-batch).
         save_interval: steps between checkpoints (0 = only at the end).
         keep_last: checkpoints to keep.
-        fsdp: shard with FSDP instead of DDP when launched on several GPUs.
+        fsdp: shard with FSDP2 (fully_shard per decoder layer, then the whole model) instead of
+            DDP when launched with several processes (GPUs with NCCL, or CPUs with gloo).
         time_limit_s: stop (with a checkpoint) after this many seconds of training (0 = off).
         eval_at: extra steps at which to evaluate (0 = before the first step).
         eval_log_points: if > 0, also evaluate at step 0 and at about this many log-spaced steps

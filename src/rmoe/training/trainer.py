@@ -210,15 +210,16 @@ def evaluate_split(
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    windows = eval_windows(
-        split.n_tokens,
-        seq_len,
-        batch_size,
-        max_batches or None,
-        dist_info.rank,
-        dist_info.world_size,
-    )
-    for starts in windows:
+    world, rank = dist_info.world_size, dist_info.rank
+    # global batches of batch_size * world windows; every rank runs the same number of forward
+    # passes (sharded models need that), a rank without rows in the last batch scores nothing
+    for global_starts in eval_windows(
+        split.n_tokens, seq_len, batch_size * world, max_batches or None
+    ):
+        starts = global_starts[rank * batch_size : (rank + 1) * batch_size]
+        weight = 1.0
+        if len(starts) == 0:
+            starts, weight = global_starts[:1], 0.0
         x, y = get_batch(split.tokens, starts, seq_len, device)
         ctx = torch.autocast(device.type, amp_dtype) if amp_dtype else nullcontext()
         with ctx:
@@ -226,7 +227,9 @@ def evaluate_split(
         loss = F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
         )
-        total += torch.stack([loss.double(), torch.tensor(float(y.numel()), device=device)])
+        total += weight * torch.stack(
+            [loss.double(), torch.tensor(float(y.numel()), device=device, dtype=torch.float64)]
+        )
     if dist_info.world_size > 1:
         dist.all_reduce(total)
     model.train(was_training)
@@ -389,21 +392,38 @@ def train(
     sampler = WindowSampler(
         splits["train"].n_tokens, cfg.data.seq_len, micro, cfg.train.seed, di.rank, world
     )
+    state = None
+    if ckpt is not None:
+        _load_weights(model, ckpt)  # full weights, before any sharding
+        state = load_state(ckpt)
+
+    use_fsdp = world > 1 and cfg.train.fsdp
+    train_model: torch.nn.Module = model
+    if world > 1:
+        train_model = _wrap_distributed(model, cfg, device)
+    # FSDP replaces parameters with sharded ones: build the optimizer after wrapping
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     step = 0
-    if ckpt is not None:
-        _load_weights(model, ckpt)
-        state = load_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        if use_fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(
+                model,
+                optimizer,
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step = int(state["step"])
-
-    train_model: torch.nn.Module = model
-    if world > 1:
-        train_model = _wrap_distributed(model, cfg, device)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
 
@@ -415,17 +435,32 @@ def train(
     tb = _tensorboard(run_dir) if di.is_main else None
 
     def save(at_step: int) -> Path | None:
+        model_sd = None
+        if use_fsdp:  # gather full (unsharded) states: a collective, on every rank
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = get_model_state_dict(model, options=opts)
+            optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+        else:
+            optim_sd = optimizer.state_dict()
         if not di.is_main:
             return None
         state = {
             "step": at_step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_sd,
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(),
             "rng": rng_state(),
             "config": cfg.to_dict(),
         }
-        return save_checkpoint(run_dir, at_step, model, tokenizer, state, cfg.train.keep_last)
+        return save_checkpoint(
+            run_dir, at_step, model, tokenizer, state, cfg.train.keep_last, model_sd
+        )
 
     def write(rec: dict[str, Any]) -> None:
         if metrics_f is not None:
@@ -526,6 +561,8 @@ def train(
             gnorm = None
             if cfg.optim.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor
+                    gnorm = gnorm.full_tensor()
                 gnorm = float(gnorm)
             optimizer.step()
             scheduler.step()
@@ -660,8 +697,6 @@ def _check_resume_config(saved: TrainConfig, new: TrainConfig) -> None:
 
 def _wrap_distributed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     if cfg.train.fsdp:
-        if device.type != "cuda":
-            raise ValueError("train.fsdp needs CUDA devices; use DDP (the default) on CPU")
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
