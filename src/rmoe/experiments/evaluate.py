@@ -1,0 +1,247 @@
+"""Post-training evaluation of one arm on a fixed held-out slice, identical for every arm.
+
+For each evaluation split the first `batches` x `batch_size` non-overlapping windows are scored
+and the summed loss and token count of every batch are kept, so two arms can be compared batch
+by batch (paired bootstrap, `rmoe.experiments.stats`). Routing statistics (inner/outer balance,
+router entropy, binned cross-layer mutual information, from `rmoe.analysis.routing`) are computed
+on the first `routing_tokens` tokens of the last split.
+
+Run as a subprocess by the experiment runner:
+    python -m rmoe.experiments.evaluate RUN_DIR --eval-json '{"batches": 16, ...}'
+which writes RUN_DIR/arm_results.json and prints nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..analysis import routing as rt
+from ..data import eval_windows, get_batch, get_corpus, get_split_tokens
+from ..training.checkpoint import latest_checkpoint
+from ..training.evaluation import load_model_and_tokenizer
+from .spec import EvalSpec
+
+RESULTS_FILE = "arm_results.json"
+
+
+def checkpoint_step(run_dir: str | Path) -> int:
+    """Step of the newest complete checkpoint of a run (0 if none)."""
+    ck = latest_checkpoint(run_dir)
+    return int(ck.name.split("-")[1]) if ck is not None else 0
+
+
+def read_metrics(run_dir: str | Path, corpus: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """metrics.jsonl split into training records and validation records (of `corpus`, default:
+    the run's training corpus), one per step (a resumed run may have logged a step twice; the
+    last record wins), sorted by step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    train: dict[int, dict[str, Any]] = {}
+    valid: dict[int, dict[str, Any]] = {}
+    if corpus is None:
+        cfg_path = Path(run_dir) / "config.yaml"
+        if cfg_path.is_file():
+            import yaml
+
+            corpus = (yaml.safe_load(cfg_path.read_text()) or {}).get("data", {}).get("corpus")
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if rec.get("split") == "valid":
+                if corpus is None or rec.get("corpus") in (None, corpus):
+                    valid[rec["step"]] = rec
+            elif "loss" in rec:
+                train[rec["step"]] = rec
+    return {
+        "train": [train[s] for s in sorted(train)],
+        "valid": [valid[s] for s in sorted(valid)],
+    }
+
+
+def _amp(run_cfg: dict[str, Any], device: torch.device) -> torch.dtype | None:
+    dtype = (run_cfg or {}).get("train", {}).get("dtype", "auto")
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@torch.no_grad()
+def batch_losses(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    batches: int,
+    amp: torch.dtype | None = None,
+) -> tuple[list[float], list[int]]:
+    """Summed next-token loss (nats) and token count of each of the first `batches` evaluation
+    batches (non-overlapping windows from the start of `tokens`)."""
+    device = next(model.parameters()).device
+    losses, counts = [], []
+    for starts in eval_windows(len(tokens), seq_len, batch_size, batches):
+        x, y = get_batch(tokens, starts, seq_len, device)
+        ctx = torch.autocast(device.type, amp) if amp else nullcontext()
+        with ctx:
+            logits = model(input_ids=x, use_cache=False).logits
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+        )
+        losses.append(float(loss))
+        counts.append(int(y.numel()))
+    return losses, counts
+
+
+@torch.no_grad()
+def collect_routing(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int,
+    amp: torch.dtype | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per MoE layer: router probabilities [N, E] and chosen experts [N, K] on the first
+    `max_tokens` input tokens (whole windows) of `tokens`."""
+    device = next(model.parameters()).device
+    n_windows = max(1, max_tokens // seq_len)
+    batches = -(-n_windows // batch_size)
+    probs: list[list[np.ndarray]] = []
+    topk: list[list[np.ndarray]] = []
+    seen = 0
+    for starts in eval_windows(len(tokens), seq_len, batch_size, batches):
+        starts = starts[: n_windows - seen]
+        if starts.size == 0:
+            break
+        seen += starts.size
+        x, _ = get_batch(tokens, starts, seq_len, device)
+        ctx = torch.autocast(device.type, amp) if amp else nullcontext()
+        with ctx:
+            out = model(input_ids=x, use_cache=False, output_routing=True)
+        if not probs:
+            probs = [[] for _ in out.routing]
+            topk = [[] for _ in out.routing]
+        for i, r in enumerate(out.routing):
+            probs[i].append(r.probs.float().cpu().numpy())
+            topk[i].append(r.topk_idx.cpu().numpy())
+    return [np.concatenate(p) for p in probs], [np.concatenate(t) for t in topk]
+
+
+def routing_summary(
+    probs: list[np.ndarray], topk: list[np.ndarray], mi_bins: int = 100
+) -> dict[str, Any]:
+    """Layer-wise and layer-mean routing statistics: inner balance (median top1/top2), outer
+    balance (median selected mass), mean router entropy (nats, and normalised by ln E), and the
+    binned cross-layer MI matrix with its mean over all layer pairs and over adjacent pairs."""
+    ib = [rt.inner_balance(p) for p in probs]
+    ob = [rt.outer_balance(p, t) for p, t in zip(probs, topk)]
+    ent = [float(rt.router_entropy(p).mean()) for p in probs]
+    e = probs[0].shape[1]
+    out: dict[str, Any] = {
+        "tokens": int(probs[0].shape[0]),
+        "num_experts": int(e),
+        "layer_inner_balance": ib,
+        "layer_outer_balance": ob,
+        "layer_entropy": ent,
+        "inner_balance": float(np.mean(ib)),
+        "outer_balance": float(np.mean(ob)),
+        "entropy": float(np.mean(ent)),
+        "entropy_normalized": float(np.mean(ent) / math.log(e)) if e > 1 else float("nan"),
+    }
+    n_layers = len(probs)
+    if n_layers >= 2:
+        mi = rt.binned_mutual_information_matrix(probs, num_bins=mi_bins)
+        iu = np.triu_indices(n_layers, 1)
+        out["mi_matrix"] = mi.tolist()
+        out["mi_mean"] = float(mi[iu].mean())
+        out["mi_adjacent"] = float(np.mean([mi[i, i + 1] for i in range(n_layers - 1)]))
+    else:
+        out["mi_matrix"] = None
+        out["mi_mean"] = float("nan")
+        out["mi_adjacent"] = float("nan")
+    return out
+
+
+def throughput(train_records: list[dict[str, Any]]) -> float:
+    """Median training tokens/s over logged records (the first record, which includes start-up,
+    is skipped when there are others)."""
+    vals = [r["tokens_per_s"] for r in train_records if "tokens_per_s" in r]
+    if len(vals) > 1:
+        vals = vals[1:]
+    return float(statistics.median(vals)) if vals else float("nan")
+
+
+def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dict[str, Any]:
+    """Evaluate a trained run on the fixed slice; returns the arm's results (see module doc)."""
+    run_dir = Path(run_dir)
+    model, tokenizer, run_cfg = load_model_and_tokenizer(run_dir, device)
+    run_cfg = run_cfg or {}
+    threads = int(run_cfg.get("train", {}).get("threads", 0) or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    data_cfg = run_cfg.get("data", {})
+    seq_len = int(data_cfg.get("seq_len", 256))
+    corpus = get_corpus(
+        data_cfg.get("corpus", "python-stdlib"), text_field=data_cfg.get("text_field", "text")
+    )
+    dev = next(model.parameters()).device
+    amp = _amp(run_cfg, dev)
+    res: dict[str, Any] = {"run_dir": str(run_dir), "step": checkpoint_step(run_dir), "splits": {}}
+    split_tokens = {}
+    for split in ev.splits:
+        ts = get_split_tokens(corpus, tokenizer, split, cache_dir=data_cfg.get("cache_dir"))
+        split_tokens[split] = ts
+        losses, counts = batch_losses(model, ts.tokens, seq_len, ev.batch_size, ev.batches, amp)
+        mean = sum(losses) / sum(counts)
+        res["splits"][split] = {
+            "loss": mean,
+            "bpb": ts.bits_per_byte(mean),
+            "tokens_per_byte": ts.tokens_per_byte,
+            "batch_loss_sum": losses,
+            "batch_tokens": counts,
+        }
+    if ev.routing_tokens > 0:
+        ts = split_tokens[ev.splits[-1]]
+        probs, topk = collect_routing(
+            model, ts.tokens, seq_len, ev.batch_size, ev.routing_tokens, amp
+        )
+        res["routing"] = routing_summary(probs, topk, ev.mi_bins) if probs else None
+    metrics = read_metrics(run_dir)
+    res["tokens_per_s"] = throughput(metrics["train"])
+    res["train_elapsed_s"] = metrics["train"][-1].get("elapsed_s") if metrics["train"] else None
+    res["final_train_loss"] = metrics["train"][-1].get("lm_loss") if metrics["train"] else None
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Subprocess entry: evaluate RUN_DIR and write RUN_DIR/arm_results.json atomically."""
+    p = argparse.ArgumentParser(prog="python -m rmoe.experiments.evaluate")
+    p.add_argument("run_dir")
+    p.add_argument("--eval-json", default="{}", help="EvalSpec fields as JSON")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    ev = EvalSpec(**json.loads(args.eval_json))
+    res = evaluate_arm(args.run_dir, ev, args.device)
+    path = Path(args.run_dir) / RESULTS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""From a spec to concrete runs: one `ArmRun` per (arm, depth, seed), each with its resolved
+TrainConfig, and the FLOP-matched step counts.
+
+Budget matching. Every arm trains on the same tokens per step. `match: tokens` arms run the base
+`train.max_steps`. A `match: flops` arm runs
+
+    steps = round(ref_steps * ref_flops_per_token * ref_tokens_per_step
+                  / (flops_per_token * tokens_per_step))
+
+so that steps x FLOPs/token x tokens/step equals the reference arm's (the spec's
+`budget.flops_reference`, at the same depth and seed). FLOPs/token come from
+`rmoe.modeling.accounting.count_config` (forward matmul FLOPs, router included; training costs
+~3x forward for every arm, so the ratio is the same).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from ..modeling.accounting import ModelCounts, count_config
+from ..training.config import TrainConfig, set_key
+from .spec import ROUTER_VARIANTS, ArmSpec, ExperimentSpec
+
+
+@dataclass
+class ArmRun:
+    """One training run of the grid.
+
+    Attributes:
+        run_id: unique directory name, `{arm}-L{depth}-s{seed}`.
+        arm: the arm's name.
+        label: display name.
+        router: the router variant.
+        depth: number of layers.
+        seed: train.seed (data order and non-router init).
+        config: the resolved TrainConfig (max_steps already budget-matched).
+        counts: parameter and FLOP counts of the model.
+        match: `tokens` or `flops`.
+    """
+
+    run_id: str
+    arm: str
+    label: str
+    router: str
+    depth: int
+    seed: int
+    config: TrainConfig
+    counts: ModelCounts
+    match: str
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimizer step (global batch x seq_len)."""
+        return self.config.data.batch_size * self.config.data.seq_len
+
+    @property
+    def train_flops(self) -> float:
+        """Total training FLOPs, 3 x forward FLOPs/token x tokens (matmuls only)."""
+        return 3.0 * self.counts.forward_flops_per_token * self.tokens_per_step * self.max_steps
+
+    @property
+    def max_steps(self) -> int:
+        """Optimizer steps of this run."""
+        return self.config.train.max_steps
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description of the run (no config)."""
+        return {
+            "run_id": self.run_id,
+            "arm": self.arm,
+            "label": self.label,
+            "router": self.router,
+            "depth": self.depth,
+            "seed": self.seed,
+            "match": self.match,
+            "max_steps": self.max_steps,
+            "tokens_per_step": self.tokens_per_step,
+            "total_params": self.counts.total_params,
+            "active_params": self.counts.active_params,
+            "router_params": self.counts.router_params,
+            "flops_per_token": self.counts.forward_flops_per_token,
+            "router_flops_per_token": self.counts.router_flops_per_token,
+            "train_flops": self.train_flops,
+        }
+
+
+def vocab_size_of(tokenizer: str) -> int:
+    """Vocabulary size a tokenizer spec gives (`bpe:N` -> N; files and `bytes` are loaded)."""
+    if tokenizer.startswith("bpe:"):
+        return int(tokenizer.split(":", 1)[1])
+    from ..data import build_tokenizer
+
+    return build_tokenizer(tokenizer).vocab_size
+
+
+def arm_config(
+    spec: ExperimentSpec, arm: ArmSpec, depth: int, seed: int, base: TrainConfig | None = None
+) -> TrainConfig:
+    """The TrainConfig of one (arm, depth, seed) before budget matching."""
+    cfg = copy.deepcopy(base if base is not None else spec.base_config())
+    for key, value in ROUTER_VARIANTS[arm.router].items():
+        cfg.model[key] = value
+    cfg.model["num_hidden_layers"] = int(depth)
+    for key, value in arm.set.items():
+        set_key(cfg, key, value)
+    cfg.train.seed = int(seed)
+    if spec.time_limit_s:
+        cfg.train.time_limit_s = float(spec.time_limit_s)
+    cfg.validate()
+    return cfg
+
+
+def matched_steps(
+    ref_steps: int,
+    ref_flops_per_token: float,
+    flops_per_token: float,
+    ref_tokens_per_step: int = 1,
+    tokens_per_step: int = 1,
+) -> int:
+    """Steps that give an arm the reference arm's training FLOPs (at least 1).
+
+    steps x flops_per_token x tokens_per_step = ref_steps x ref_flops_per_token x
+    ref_tokens_per_step, rounded to the nearest step.
+    """
+    if flops_per_token <= 0 or tokens_per_step <= 0:
+        raise ValueError("flops_per_token and tokens_per_step must be > 0")
+    budget = ref_steps * ref_flops_per_token * ref_tokens_per_step
+    return max(1, int(round(budget / (flops_per_token * tokens_per_step))))
+
+
+def plan_runs(spec: ExperimentSpec, only: list[str] | None = None) -> list[ArmRun]:
+    """Expand the spec into runs (arm x depth x seed), FLOP-matched where asked.
+
+    Args:
+        spec: the experiment.
+        only: restrict to these arm names (the FLOP reference is still planned internally to
+            size matched arms, but not returned unless listed).
+    """
+    base = spec.base_config()
+    default_depths = spec.depths or [int(base.model.get("num_hidden_layers", 4))]
+    if only:
+        for name in only:
+            spec.arm(name)  # raises with the list of arms
+    vocab = vocab_size_of(base.data.tokenizer)
+
+    def build(arm: ArmSpec, depth: int, seed: int) -> ArmRun:
+        cfg = arm_config(spec, arm, depth, seed, base)
+        counts = count_config(cfg.model_config(vocab_size=vocab), cfg.data.seq_len)
+        return ArmRun(
+            run_id=f"{arm.name}-L{depth}-s{seed}",
+            arm=arm.name,
+            label=arm.label or arm.name,
+            router=arm.router,
+            depth=int(depth),
+            seed=int(seed),
+            config=cfg,
+            counts=counts,
+            match=arm.match,
+        )
+
+    runs: list[ArmRun] = []
+    for arm in spec.arms:
+        for depth in arm.depths or default_depths:
+            for seed in arm.seeds or spec.seeds:
+                run = build(arm, depth, seed)
+                if arm.match == "flops":
+                    ref = build(spec.arm(spec.flops_reference or ""), depth, seed)
+                    run.config.train.max_steps = matched_steps(
+                        ref.max_steps,
+                        ref.counts.forward_flops_per_token,
+                        run.counts.forward_flops_per_token,
+                        ref.tokens_per_step,
+                        run.tokens_per_step,
+                    )
+                runs.append(run)
+    if only:
+        runs = [r for r in runs if r.arm in only]
+    return runs

@@ -1,0 +1,498 @@
+"""Aggregate an experiment's runs into results.json, summary.md and PNG plots.
+
+Tables: one row per (arm, depth) with bits per byte on each evaluation split as mean ± std over
+seeds, parameters, FLOPs/token, training tokens/s and the routing statistics (inner balance IB,
+outer balance OB, mean router entropy, binned cross-layer MI). Paired differences: each arm minus
+the reference arm on the same evaluation batches, per seed and averaged over seeds, with a
+bootstrap interval over evaluation batches (`rmoe.experiments.stats`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .evaluate import RESULTS_FILE, read_metrics
+from .plan import ArmRun
+from .runner import STATUS_FILE, run_dir_of
+from .spec import ExperimentSpec
+from .stats import mean_std, paired_bootstrap
+
+ROUTING_KEYS = ("inner_balance", "outer_balance", "entropy", "mi_mean", "mi_adjacent")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, torch version and GPU (if any) of this machine."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_avg"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def load_run_results(out_dir: str | Path, runs: list[ArmRun]) -> list[dict[str, Any]]:
+    """Per run: its plan summary plus `arm_results.json` (if present) and training status."""
+    rows = []
+    for r in runs:
+        d = run_dir_of(out_dir, r)
+        row: dict[str, Any] = r.summary()
+        row["results"] = None
+        if (d / RESULTS_FILE).is_file():
+            row["results"] = json.loads((d / RESULTS_FILE).read_text())
+        if (d / STATUS_FILE).is_file():
+            row["train_status"] = json.loads((d / STATUS_FILE).read_text())
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def _pm(m: float, s: float, n: int, digits: int = 4) -> str:
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+
+
+def _si(v: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return f"{v:.0f}"
+
+
+def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-(arm, depth) table rows and paired differences against the reference arm."""
+    splits = list(spec.eval.splits)
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["arm"], row["depth"])].append(row)
+    arms = []
+    for (arm, depth), members in groups.items():
+        done = [m for m in members if m["results"]]
+        entry: dict[str, Any] = {
+            "arm": arm,
+            "label": members[0]["label"],
+            "router": members[0]["router"],
+            "depth": depth,
+            "match": members[0]["match"],
+            "seeds": [m["seed"] for m in done],
+            "seeds_planned": [m["seed"] for m in members],
+            "max_steps": members[0]["max_steps"],
+            "steps_done": [m["results"]["step"] for m in done],
+            "tokens_per_step": members[0]["tokens_per_step"],
+            "total_params": members[0]["total_params"],
+            "active_params": members[0]["active_params"],
+            "router_params": members[0]["router_params"],
+            "flops_per_token": members[0]["flops_per_token"],
+            "train_flops": members[0]["train_flops"],
+        }
+        for split in splits:
+            m, s = mean_std([d["results"]["splits"][split]["bpb"] for d in done])
+            entry[f"{split}_bpb_mean"], entry[f"{split}_bpb_std"] = m, s
+        entry["tokens_per_s_mean"], entry["tokens_per_s_std"] = mean_std(
+            [d["results"]["tokens_per_s"] for d in done]
+        )
+        for key in ROUTING_KEYS:
+            vals = [d["results"]["routing"][key] for d in done if d["results"].get("routing")]
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(vals)
+        arms.append(entry)
+
+    paired = []
+    if spec.reference:
+        ref_rows = {(r["depth"], r["seed"]): r for r in rows if r["arm"] == spec.reference}
+        for (arm, depth), members in groups.items():
+            if arm == spec.reference:
+                continue
+            pairs = [
+                (m, ref_rows[(depth, m["seed"])])
+                for m in members
+                if m["results"]
+                and (depth, m["seed"]) in ref_rows
+                and ref_rows[(depth, m["seed"])]["results"]
+            ]
+            if not pairs:
+                continue
+            for split in splits:
+                per_seed = []
+                for m, ref in pairs:
+                    a, b = m["results"]["splits"][split], ref["results"]["splits"][split]
+                    pd = paired_bootstrap(
+                        a["batch_loss_sum"],
+                        b["batch_loss_sum"],
+                        a["batch_tokens"],
+                        a["tokens_per_byte"],
+                        spec.eval.bootstrap,
+                        seed=m["seed"],
+                    )
+                    per_seed.append({"seed": m["seed"], **pd.to_dict()})
+                a0 = pairs[0][0]["results"]["splits"][split]
+                pooled = paired_bootstrap(
+                    [m["results"]["splits"][split]["batch_loss_sum"] for m, _ in pairs],
+                    [ref["results"]["splits"][split]["batch_loss_sum"] for _, ref in pairs],
+                    a0["batch_tokens"],
+                    a0["tokens_per_byte"],
+                    spec.eval.bootstrap,
+                )
+                paired.append(
+                    {
+                        "arm": arm,
+                        "label": members[0]["label"],
+                        "depth": depth,
+                        "split": split,
+                        "reference": spec.reference,
+                        "per_seed": per_seed,
+                        "mean_over_seeds": pooled.to_dict(),
+                        "seed_std": mean_std([p["diff"] for p in per_seed])[1],
+                    }
+                )
+    order = {a.name: i for i, a in enumerate(spec.arms)}
+    arms.sort(key=lambda e: (e["depth"], order.get(e["arm"], 99)))
+    paired.sort(key=lambda e: (e["depth"], order.get(e["arm"], 99), splits.index(e["split"])))
+    return {"arms": arms, "paired": paired}
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1 or y.size < k:
+        return y
+    return np.convolve(y, np.ones(k) / k, mode="valid")
+
+
+def plot_loss_curves(out_dir: Path, rows: list[dict[str, Any]], spec: ExperimentSpec) -> Path:
+    """Training loss vs tokens and vs training FLOPs, one line per run (colour = arm, style =
+    seed), plus validation bits per byte where the trainer evaluated during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a.name for a in spec.arms]
+    colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for row in rows:
+        m = read_metrics(run_dir_of(out_dir, _Run(row)))
+        tr = m["train"]
+        if not tr:
+            continue
+        tokens = np.array([r["tokens"] for r in tr], dtype=float)
+        loss = np.array([r.get("lm_loss", r["loss"]) for r in tr], dtype=float)
+        k = max(1, len(loss) // 25)
+        ys = _smooth(loss, k)
+        xs = tokens[len(tokens) - len(ys) :]
+        seeds = sorted({r["seed"] for r in rows if r["arm"] == row["arm"]})
+        style = styles[seeds.index(row["seed"]) % len(styles)]
+        depths = sorted({r["depth"] for r in rows})
+        label = f"{row['label']} s{row['seed']}" + (f" L{row['depth']}" if len(depths) > 1 else "")
+        kw = dict(color=colours[row["arm"]], ls=style, lw=1.2, label=label)
+        axes[0].plot(xs, ys, **kw)
+        axes[1].plot(xs * 3 * row["flops_per_token"], ys, **kw)
+        va = m["valid"]
+        if va:
+            axes[2].plot(
+                [v["step"] * row["tokens_per_step"] for v in va],
+                [v["valid_bpb"] for v in va],
+                marker="o",
+                ms=3,
+                **kw,
+            )
+    axes[0].set(xlabel="training tokens", ylabel="training LM loss (nats, smoothed)")
+    axes[1].set(xlabel="training FLOPs (3 x forward, matmuls)", ylabel="training LM loss")
+    axes[2].set(xlabel="training tokens", ylabel="validation bits/byte (trainer evals)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{spec.name}: loss curves")
+    fig.tight_layout()
+    path = out_dir / "loss_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bpb_vs_depth(out_dir: Path, table: list[dict[str, Any]], spec: ExperimentSpec) -> Path:
+    """Bits per byte (last evaluation split) vs depth per arm, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = spec.eval.splits[-1]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in table:
+        by_arm[e["arm"]].append(e)
+    depths = sorted({e["depth"] for e in table})
+    n_arms = max(1, len(by_arm))
+    for i, es in enumerate(by_arm.values()):
+        es = sorted(es, key=lambda e: e["depth"])
+        jitter = (i - (n_arms - 1) / 2) * 0.08 * (depths[-1] - depths[0] + 1) / max(1, len(depths))
+        ax.errorbar(
+            [e["depth"] + jitter for e in es],
+            [e[f"{split}_bpb_mean"] for e in es],
+            yerr=[e[f"{split}_bpb_std"] for e in es],
+            marker="o",
+            capsize=3,
+            label=es[0]["label"],
+        )
+    ax.set(xlabel="layers", ylabel=f"{split} bits/byte (mean ± std over seeds)")
+    ax.set_xticks(depths)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{spec.name}: bits/byte vs depth")
+    fig.tight_layout()
+    path = out_dir / "bpb_vs_depth.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_routing(out_dir: Path, table: list[dict[str, Any]], spec: ExperimentSpec) -> Path:
+    """Bar charts of IB, OB, mean router entropy and cross-layer MI per arm (deepest depth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = max(e["depth"] for e in table)
+    es = [e for e in table if e["depth"] == depth]
+    keys = [
+        ("inner_balance", "IB (median top1/top2)"),
+        ("outer_balance", "OB (median top-k mass)"),
+        ("entropy", "mean router entropy (nats)"),
+        ("mi_mean", "cross-layer MI (nats)"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    x = np.arange(len(es))
+    for ax, (key, title) in zip(axes, keys):
+        ax.bar(
+            x,
+            [e[f"{key}_mean"] for e in es],
+            yerr=[e[f"{key}_std"] for e in es],
+            capsize=3,
+            color=[plt.cm.tab10(i % 10) for i in range(len(es))],
+        )
+        ax.set_xticks(x)
+        ax.set_xticklabels([e["label"] for e in es], rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{spec.name}: routing statistics at {depth} layers")
+    fig.tight_layout()
+    path = out_dir / "routing.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class _Run:
+    """Adapter so `run_dir_of` accepts a results row."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.run_id = row["run_id"]
+
+
+# ----------------------------------------------------------------------------------------------
+# markdown
+# ----------------------------------------------------------------------------------------------
+def summary_markdown(
+    spec: ExperimentSpec,
+    agg: dict[str, Any],
+    rows: list[dict[str, Any]],
+    machine: dict[str, Any],
+    command: str,
+    plots: list[str],
+) -> str:
+    """The experiment's summary.md."""
+    splits = spec.eval.splits
+    lines = [f"# Experiment `{spec.name}`", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    lines += [
+        f"- command: `{command}`",
+        f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"- machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+        + f"; torch {machine.get('torch', '?')}",
+        f"- evaluation: first {spec.eval.batches} x {spec.eval.batch_size} windows of each of "
+        f"{', '.join(splits)}; routing statistics on {spec.eval.routing_tokens} tokens of "
+        f"{splits[-1]}; {spec.eval.bootstrap} bootstrap resamples over evaluation batches",
+    ]
+    done = sum(1 for r in rows if r["results"])
+    lines += [f"- runs finished: {done}/{len(rows)}", ""]
+
+    lines += ["## Results per arm", ""]
+    head = ["arm", "L", "seeds", "steps"] + [f"{s} bpb" for s in splits]
+    head += [
+        "params",
+        "FLOPs/tok",
+        "tok/s",
+        "IB",
+        "OB",
+        "entropy",
+        "MI (all pairs)",
+        "MI (adjacent)",
+    ]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in agg["arms"]:
+        n = len(e["seeds"])
+        cells = [e["label"], str(e["depth"]), f"{n}/{len(e['seeds_planned'])}", str(e["max_steps"])]
+        cells += [_pm(e[f"{s}_bpb_mean"], e[f"{s}_bpb_std"], n) for s in splits]
+        cells += [
+            _si(e["total_params"]),
+            _si(e["flops_per_token"]),
+            _fmt(e["tokens_per_s_mean"], 0),
+            _pm(e["inner_balance_mean"], e["inner_balance_std"], n, 2),
+            _pm(e["outer_balance_mean"], e["outer_balance_std"], n, 3),
+            _pm(e["entropy_mean"], e["entropy_std"], n, 3),
+            _pm(e["mi_mean_mean"], e["mi_mean_std"], n, 3),
+            _pm(e["mi_adjacent_mean"], e["mi_adjacent_std"], n, 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "bpb: bits per byte on the fixed evaluation slice (mean ± std over seeds). FLOPs/tok: "
+        "forward matmul FLOPs per token incl. the router (`count_config`). IB = median top1/top2 "
+        "router probability, OB = median summed top-k probability, entropy = mean router "
+        "entropy over all experts (nats), MI = binned cross-layer mutual information of the "
+        "routing profiles (nats; paper recipe, 100 bins), all averaged over layers.",
+        "",
+    ]
+    if agg["paired"]:
+        lines += [
+            f"## Paired differences to `{spec.reference}` (bits per byte; negative = better)",
+            "",
+            "| arm | L | split | per seed: diff [95% CI] | mean over seeds [95% CI] | seed std | CI excludes 0 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for p in agg["paired"]:
+            ps = "; ".join(
+                f"s{q['seed']}: {q['diff']:+.4f} [{q['lo']:+.4f}, {q['hi']:+.4f}]"
+                for q in p["per_seed"]
+            )
+            m = p["mean_over_seeds"]
+            excl = "yes" if (m["lo"] > 0 or m["hi"] < 0) else "no"
+            lines.append(
+                f"| {p['label']} | {p['depth']} | {p['split']} | {ps} | "
+                f"{m['diff']:+.4f} [{m['lo']:+.4f}, {m['hi']:+.4f}] | {_fmt(p['seed_std'])} | {excl} |"
+            )
+        lines += [
+            "",
+            "Intervals are percentile bootstraps over evaluation batches (the same batches for "
+            "both arms); they reflect evaluation noise, not training-seed noise — compare the "
+            "difference with the seed std and with the reference arm's own spread.",
+            "",
+        ]
+    lines += [
+        "## Budget",
+        "",
+        "| run | match | steps | tokens | train FLOPs | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        st = (r.get("train_status") or {}).get("status", "not finished")
+        lines.append(
+            f"| {r['run_id']} | {r['match']} | {r['max_steps']} | "
+            f"{_si(r['max_steps'] * r['tokens_per_step'])} | {_si(r['train_flops'])} | {st} |"
+        )
+    lines += [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    if spec.notes:
+        lines += ["## Notes", "", spec.notes.strip(), ""]
+    return "\n".join(lines)
+
+
+def write_report(
+    spec: ExperimentSpec, runs: list[ArmRun], out_dir: str | Path, command: str = ""
+) -> dict[str, Any]:
+    """Write results.json, summary.md and the PNG plots into `out_dir`; return results.json's
+    content."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = load_run_results(out, runs)
+    agg = aggregate(spec, rows)
+    machine = machine_info()
+    plots = []
+    if any(r["results"] for r in rows):
+        plots.append(plot_loss_curves(out, rows, spec).name)
+        if agg["arms"] and any(
+            not math.isnan(e[f"{spec.eval.splits[-1]}_bpb_mean"]) for e in agg["arms"]
+        ):
+            plots.append(plot_bpb_vs_depth(out, agg["arms"], spec).name)
+            if any(not math.isnan(e["inner_balance_mean"]) for e in agg["arms"]):
+                plots.append(plot_routing(out, agg["arms"], spec).name)
+    for r in rows:  # keep results.json small: batch arrays stay in each run's arm_results.json
+        if r["results"]:
+            r["results"] = {k: v for k, v in r["results"].items() if k not in ("splits",)} | {
+                "splits": {
+                    s: {k: v for k, v in d.items() if not k.startswith("batch_")}
+                    for s, d in r["results"]["splits"].items()
+                }
+            }
+    result = {
+        "spec": spec.to_dict(),
+        "command": command,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "runs": rows,
+        **agg,
+        "plots": plots,
+    }
+    (out / "results.json").write_text(
+        json.dumps(_clean(result), indent=1, default=_json_default, allow_nan=False)
+    )
+    (out / "summary.md").write_text(summary_markdown(spec, agg, rows, machine, command, plots))
+    return result
+
+
+def _clean(o: Any) -> Any:
+    """NaN/inf -> None, recursively (strict JSON)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)

@@ -1,0 +1,222 @@
+"""Run the arms of an experiment as parallel, resumable subprocesses.
+
+Each run gets a directory `OUT/runs/{run_id}/` holding the generated `arm.yaml` (its full
+TrainConfig), `train.log` (the subprocess's output), the trainer's run directory contents and,
+when done, `arm_results.json` from `rmoe.experiments.evaluate`. A run is
+
+* `done`      when its newest checkpoint is at max_steps (or training ended on the wall-clock
+              limit) and `arm_results.json` exists: it is skipped;
+* `evaluate`  when training finished but the evaluation did not;
+* `resume`    when it has a checkpoint before max_steps: `rmoe train ... --resume` continues it;
+* `new`       otherwise.
+
+Training is `python -m rmoe.cli.main train arm.yaml --out DIR [--resume] --no-progress`;
+evaluation is `python -m rmoe.experiments.evaluate DIR`. Up to `workers` runs proceed at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from .evaluate import RESULTS_FILE, checkpoint_step
+from .plan import ArmRun
+from .spec import EvalSpec
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "train_status.json"
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one run in this invocation.
+
+    Attributes:
+        run_id: the run.
+        action: `skipped` (already done), `trained`, `resumed`, `evaluated` (training was done)
+            or `failed`.
+        returncode: exit status of the failing subprocess (0 otherwise).
+        seconds: wall-clock seconds spent on the run in this invocation.
+        message: the last lines of the log for a failure.
+    """
+
+    run_id: str
+    action: str
+    returncode: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+
+def run_dir_of(out_dir: str | Path, run: ArmRun) -> Path:
+    """The directory of one run inside an experiment folder."""
+    return Path(out_dir) / "runs" / run.run_id
+
+
+def run_state(run: ArmRun, run_dir: Path) -> str:
+    """`done`, `evaluate`, `resume` or `new` (see the module docstring)."""
+    step = checkpoint_step(run_dir)
+    status = {}
+    if (run_dir / STATUS_FILE).is_file():
+        try:
+            status = json.loads((run_dir / STATUS_FILE).read_text())
+        except json.JSONDecodeError:
+            status = {}
+    trained = step >= run.max_steps or (
+        status.get("status") == "time_limit" and int(status.get("step", -1)) == step and step > 0
+    )
+    if trained:
+        return "done" if (run_dir / RESULTS_FILE).is_file() else "evaluate"
+    return "resume" if step > 0 else "new"
+
+
+def write_arm_config(run: ArmRun, run_dir: Path, threads: int = 0) -> Path:
+    """Write the run's TrainConfig as `arm.yaml` (threads set if > 0) and return its path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = run.config.to_dict()
+    if threads > 0:
+        cfg["train"]["threads"] = int(threads)
+    path = run_dir / "arm.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (run_dir / "arm.json").write_text(json.dumps(run.summary(), indent=1))
+    return path
+
+
+def _tail(path: Path, n: int = 6) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+class _Children:
+    """Live subprocesses, so an interrupt can stop them all (each saves a checkpoint)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, cmd: list[str], log_path: Path, env: dict[str, str]) -> int:
+        with open(log_path, "a") as logf:
+            logf.write(f"\n$ {' '.join(cmd)}\n")
+            logf.flush()
+            with self._lock:
+                if self.stopping:
+                    return 130
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+                self._procs.add(proc)
+            try:
+                return proc.wait()
+            finally:
+                with self._lock:
+                    self._procs.discard(proc)
+
+    def interrupt(self, timeout: float = 60.0) -> None:
+        import signal
+
+        with self._lock:
+            self.stopping = True
+            procs = list(self._procs)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def execute_run(
+    run: ArmRun,
+    out_dir: str | Path,
+    ev: EvalSpec,
+    threads: int = 0,
+    children: _Children | None = None,
+    python: str | None = None,
+) -> RunOutcome:
+    """Bring one run to `done`: train (new or resumed) and evaluate as needed."""
+    t0 = time.perf_counter()
+    children = children or _Children()
+    python = python or sys.executable
+    run_dir = run_dir_of(out_dir, run)
+    state = run_state(run, run_dir)
+    if state == "done":
+        return RunOutcome(run.run_id, "skipped")
+    cfg_path = write_arm_config(run, run_dir, threads)
+    log_path = run_dir / "train.log"
+    env = dict(os.environ)
+    if threads > 0:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    action = "evaluated"
+    if state in ("new", "resume"):
+        if state == "new":
+            for stale in ("metrics.jsonl", STATUS_FILE, RESULTS_FILE):
+                (run_dir / stale).unlink(missing_ok=True)
+        cmd = [python, "-m", "rmoe.cli.main", "train", str(cfg_path), "--out", str(run_dir)]
+        cmd += ["--no-progress"] + (["--resume"] if state == "resume" else [])
+        rc = children.run(cmd, log_path, env)
+        if rc != 0:
+            return RunOutcome(run.run_id, "failed", rc, time.perf_counter() - t0, _tail(log_path))
+        step = checkpoint_step(run_dir)
+        status = "completed" if step >= run.max_steps else "time_limit"
+        (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, "step": step}))
+        action = "trained" if state == "new" else "resumed"
+        if status == "time_limit" and not run.config.train.time_limit_s:
+            return RunOutcome(run.run_id, "failed", 1, time.perf_counter() - t0, _tail(log_path))
+    cmd = [python, "-m", "rmoe.experiments.evaluate", str(run_dir), "--eval-json"]
+    cmd.append(json.dumps(asdict(ev)))
+    rc = children.run(cmd, log_path, env)
+    if rc != 0:
+        return RunOutcome(run.run_id, "failed", rc, time.perf_counter() - t0, _tail(log_path))
+    return RunOutcome(run.run_id, action, 0, time.perf_counter() - t0)
+
+
+def execute_runs(
+    runs: list[ArmRun],
+    out_dir: str | Path,
+    ev: EvalSpec,
+    workers: int = 1,
+    threads: int = 0,
+    on_done: Callable[[RunOutcome], None] | None = None,
+) -> list[RunOutcome]:
+    """Run every run to `done`, up to `workers` at once; returns outcomes in `runs` order.
+
+    On KeyboardInterrupt every live training subprocess gets SIGINT (it saves a checkpoint), and
+    the interrupt is re-raised; a rerun resumes from those checkpoints.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    children = _Children()
+    results: dict[str, RunOutcome] = {}
+    # longest runs first, so the pool drains evenly
+    order = sorted(runs, key=lambda r: -r.train_flops)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = {pool.submit(execute_run, r, out_dir, ev, threads, children): r for r in order}
+        for fut in as_completed(futures):
+            outcome = fut.result()
+            results[outcome.run_id] = outcome
+            if on_done is not None:
+                on_done(outcome)
+    except KeyboardInterrupt:
+        children.interrupt()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return [results[r.run_id] for r in runs]

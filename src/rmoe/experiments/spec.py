@@ -1,0 +1,461 @@
+"""Experiment specs: a base run config plus a grid of arms (router variant x depth x seed).
+
+A spec is YAML::
+
+    name: cpu-mechanism
+    description: one line shown in the summary
+    base: tiny                      # preset name or YAML path (optional)
+    overrides:                      # nested config sections applied on top of `base`
+      model: {hidden_size: 128, num_hidden_layers: 8}
+      train: {max_steps: 700}
+    seeds: [0, 1]
+    depths: [8]                     # optional; default = the base config's num_hidden_layers
+    reference: smoe                 # differences are reported against this arm
+    budget:
+      flops_reference: rmoe         # arms with `match: flops` get this arm's training FLOPs
+      time_limit_s: 0               # optional wall-clock cap per arm (train.time_limit_s)
+    eval:
+      splits: [valid, test]
+      batches: 16                   # fixed held-out slice: the first `batches` x `batch_size`
+      batch_size: 8                 #   non-overlapping windows of each split
+      routing_tokens: 16384         # tokens of the test split used for IB/OB/entropy/MI
+      bootstrap: 2000
+    workers: 2
+    arms:
+      - {name: smoe, router: linear}
+      - {name: rmoe, router: recurrent}
+      - {name: smoe-flops, router: linear, match: flops, seeds: [0]}
+      - {name: rmoe-p64, router: recurrent, set: {model.router_dim: 64}}
+
+Router variants (`router:`) name a set of model keys; see `ROUTER_VARIANTS`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..training.config import TrainConfig, from_dict, load_config, set_key
+
+# router variant -> model keys it sets (every other router key keeps the base value)
+ROUTER_VARIANTS: dict[str, dict[str, Any]] = {
+    "linear": {"router_type": "linear"},
+    "mlp": {"router_type": "mlp"},
+    "cosine": {"router_type": "cosine"},
+    "xmoe": {"router_type": "xmoe"},
+    "random": {"router_type": "random"},
+    "recurrent": {
+        "router_type": "recurrent",
+        "router_pass_state": True,
+        "router_detach_state": False,
+        "router_scorer": "linear",
+    },
+    "recurrent-np": {
+        "router_type": "recurrent",
+        "router_pass_state": False,
+        "router_detach_state": False,
+        "router_scorer": "linear",
+    },
+    "recurrent-detach": {
+        "router_type": "recurrent",
+        "router_pass_state": True,
+        "router_detach_state": True,
+        "router_scorer": "linear",
+    },
+    "recurrent-xmoe": {
+        "router_type": "recurrent",
+        "router_pass_state": True,
+        "router_detach_state": False,
+        "router_scorer": "xmoe",
+    },
+}
+
+MATCH_MODES = ("tokens", "flops")
+_SPEC_KEYS = {
+    "name",
+    "description",
+    "base",
+    "overrides",
+    "seeds",
+    "depths",
+    "reference",
+    "budget",
+    "eval",
+    "workers",
+    "threads",
+    "arms",
+    "notes",
+}
+_ARM_KEYS = {"name", "router", "set", "seeds", "depths", "match", "label"}
+_EVAL_KEYS = {"splits", "batches", "batch_size", "routing_tokens", "bootstrap", "mi_bins"}
+_BUDGET_KEYS = {"flops_reference", "time_limit_s"}
+
+
+@dataclass
+class ArmSpec:
+    """One arm of the grid before expansion over seeds and depths.
+
+    Attributes:
+        name: short id (letters, digits, `-`, `_`), used in run-directory names.
+        router: a key of `ROUTER_VARIANTS`.
+        set: extra `section.key: value` overrides for this arm only.
+        seeds: seeds of this arm (None = the spec's seeds).
+        depths: depths of this arm (None = the spec's depths).
+        match: `tokens` (the base max_steps) or `flops` (steps so that total training FLOPs
+            equal the budget's `flops_reference` arm at the same depth and seed).
+        label: display name in tables and plots (default: name).
+    """
+
+    name: str
+    router: str
+    set: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] | None = None
+    depths: list[int] | None = None
+    match: str = "tokens"
+    label: str = ""
+
+
+@dataclass
+class EvalSpec:
+    """The fixed post-training evaluation (identical for every arm).
+
+    Attributes:
+        splits: corpus splits evaluated (bits per byte on each).
+        batches: evaluation batches per split (the first `batches` x `batch_size` windows).
+        batch_size: sequences per evaluation batch.
+        routing_tokens: tokens (from the start of the last split) used for routing statistics.
+        bootstrap: bootstrap resamples of evaluation batches for confidence intervals.
+        mi_bins: bin edges of the binned cross-layer MI (paper: 100).
+    """
+
+    splits: list[str] = field(default_factory=lambda: ["valid", "test"])
+    batches: int = 16
+    batch_size: int = 8
+    routing_tokens: int = 16384
+    bootstrap: int = 2000
+    mi_bins: int = 100
+
+
+@dataclass
+class ExperimentSpec:
+    """A whole experiment; see the module docstring for the YAML form.
+
+    Attributes:
+        name: experiment name (default output folder name).
+        description: one line for the summary.
+        base: preset or YAML path the run configs start from (None = defaults).
+        overrides: nested `{section: {key: value}}` applied to the base.
+        seeds: default seeds of every arm.
+        depths: default depths (None = the base config's num_hidden_layers).
+        reference: arm name that paired differences are taken against.
+        flops_reference: arm name whose training FLOPs `match: flops` arms receive.
+        time_limit_s: wall-clock cap per arm in seconds (0 = none).
+        eval: the post-training evaluation.
+        workers: default number of arms trained at once.
+        threads: torch CPU threads per arm (0 = cores // workers).
+        arms: the arms.
+        notes: free text copied into the summary.
+    """
+
+    name: str
+    arms: list[ArmSpec]
+    description: str = ""
+    base: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    depths: list[int] | None = None
+    reference: str | None = None
+    flops_reference: str | None = None
+    time_limit_s: float = 0.0
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    workers: int = 1
+    threads: int = 0
+    notes: str = ""
+
+    def arm(self, name: str) -> ArmSpec:
+        """The arm called `name` (ValueError naming the arms otherwise)."""
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise ValueError(
+            f"no arm {name!r} in spec {self.name!r}; arms: {[a.name for a in self.arms]}"
+        )
+
+    def base_config(self) -> TrainConfig:
+        """The base TrainConfig: `base` preset/file, then `overrides`."""
+        cfg = load_config(self.base) if self.base else TrainConfig()
+        raw = cfg.to_dict()
+        for sec, body in (self.overrides or {}).items():
+            if sec not in raw:
+                raise ValueError(
+                    f"spec {self.name!r}: unknown overrides section {sec!r}; expected model, data, "
+                    "optim or train"
+                )
+            if not isinstance(body, dict):
+                raise ValueError(f"spec {self.name!r}: overrides.{sec} must be a mapping")
+            raw[sec].update(copy.deepcopy(body))
+        return from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON-ready)."""
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+def spec_names() -> list[str]:
+    """Names of the specs shipped with the package (`rmoe/configs/experiments/*.yaml`)."""
+    root = resources.files("rmoe") / "configs" / "experiments"
+    if not root.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def spec_text(name_or_path: str) -> str:
+    """The YAML text of a shipped spec name or a spec file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment spec {str(path)!r} does not exist")
+        return path.read_text()
+    names = spec_names()
+    if name_or_path not in names:
+        import difflib
+
+        near = difflib.get_close_matches(name_or_path, names, n=1, cutoff=0.0)
+        hint = f" (nearest: {near[0]!r})" if near else ""
+        raise ValueError(
+            f"unknown experiment spec {name_or_path!r}; shipped specs: {names}{hint} "
+            "(or pass a path to a YAML file)"
+        )
+    return (
+        resources.files("rmoe") / "configs" / "experiments" / f"{name_or_path}.yaml"
+    ).read_text()
+
+
+def load_spec(name_or_path: str) -> ExperimentSpec:
+    """Read and validate a spec (a shipped name such as `cpu-mechanism`, or a YAML path)."""
+    text = spec_text(name_or_path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"experiment spec {name_or_path!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"experiment spec {name_or_path!r} must be a mapping")
+    raw.setdefault("name", Path(name_or_path).stem)
+    return spec_from_dict(raw)
+
+
+def _int_list(value: Any, what: str) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{what} must be a non-empty list of integers, got {value!r}")
+    return list(value)
+
+
+def _check_keys(body: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], sorted(allowed), n=1, cutoff=0.0)
+        hint = f" (nearest: {near[0]!r})" if near else ""
+        raise ValueError(f"unknown key {unknown[0]!r} in {where}; valid: {sorted(allowed)}{hint}")
+
+
+def spec_from_dict(raw: dict[str, Any]) -> ExperimentSpec:
+    """Build and validate an ExperimentSpec from a parsed YAML mapping."""
+    raw = copy.deepcopy(raw)
+    _check_keys(raw, _SPEC_KEYS, "the experiment spec")
+    name = str(raw.get("name") or "experiment")
+    arms_raw = raw.get("arms")
+    if not isinstance(arms_raw, list) or not arms_raw:
+        raise ValueError(f"spec {name!r} needs a non-empty list `arms`")
+    arms = []
+    for i, a in enumerate(arms_raw):
+        if not isinstance(a, dict):
+            raise ValueError(f"spec {name!r}: arms[{i}] must be a mapping with name and router")
+        _check_keys(a, _ARM_KEYS, f"arms[{i}]")
+        if "name" not in a or "router" not in a:
+            raise ValueError(f"spec {name!r}: arms[{i}] needs `name` and `router`")
+        arm = ArmSpec(
+            name=str(a["name"]),
+            router=str(a["router"]),
+            set=dict(a.get("set") or {}),
+            seeds=_int_list(a["seeds"], f"arms[{i}].seeds") if "seeds" in a else None,
+            depths=_int_list(a["depths"], f"arms[{i}].depths") if "depths" in a else None,
+            match=str(a.get("match", "tokens")),
+            label=str(a.get("label") or a["name"]),
+        )
+        arms.append(arm)
+    ev_raw = raw.get("eval") or {}
+    _check_keys(ev_raw, _EVAL_KEYS, "eval")
+    ev = EvalSpec(**ev_raw)
+    budget = raw.get("budget") or {}
+    _check_keys(budget, _BUDGET_KEYS, "budget")
+    spec = ExperimentSpec(
+        name=name,
+        arms=arms,
+        description=str(raw.get("description", "")),
+        base=raw.get("base"),
+        overrides=dict(raw.get("overrides") or {}),
+        seeds=_int_list(raw.get("seeds", [0]), "seeds"),
+        depths=_int_list(raw["depths"], "depths") if raw.get("depths") is not None else None,
+        reference=raw.get("reference"),
+        flops_reference=budget.get("flops_reference"),
+        time_limit_s=float(budget.get("time_limit_s", 0.0)),
+        eval=ev,
+        workers=int(raw.get("workers", 1)),
+        threads=int(raw.get("threads", 0)),
+        notes=str(raw.get("notes", "")),
+    )
+    validate_spec(spec)
+    return spec
+
+
+def validate_spec(spec: ExperimentSpec) -> None:
+    """Raise ValueError on an inconsistent spec (names, variants, references, eval settings)."""
+    import re
+
+    seen = set()
+    for a in spec.arms:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", a.name):
+            raise ValueError(
+                f"arm name {a.name!r} must be letters, digits, '-', '_' or '.' (used in paths)"
+            )
+        if a.name in seen:
+            raise ValueError(f"arm name {a.name!r} appears twice in spec {spec.name!r}")
+        seen.add(a.name)
+        if a.router not in ROUTER_VARIANTS:
+            import difflib
+
+            near = difflib.get_close_matches(a.router, list(ROUTER_VARIANTS), n=1, cutoff=0.0)
+            raise ValueError(
+                f"arm {a.name!r}: unknown router {a.router!r}; expected one of "
+                f"{list(ROUTER_VARIANTS)}" + (f" (nearest: {near[0]!r})" if near else "")
+            )
+        if a.match not in MATCH_MODES:
+            raise ValueError(f"arm {a.name!r}: match={a.match!r}; expected tokens or flops")
+        if a.match == "flops" and not spec.flops_reference:
+            raise ValueError(
+                f"arm {a.name!r} has match: flops but the spec has no budget.flops_reference"
+            )
+    for ref, what in (
+        (spec.reference, "reference"),
+        (spec.flops_reference, "budget.flops_reference"),
+    ):
+        if ref is not None and ref not in seen:
+            raise ValueError(
+                f"spec {spec.name!r}: {what}={ref!r} is not an arm; arms: {sorted(seen)}"
+            )
+    if spec.flops_reference and spec.arm(spec.flops_reference).match != "tokens":
+        raise ValueError("budget.flops_reference must itself be a `match: tokens` arm")
+    e = spec.eval
+    if e.batches < 1 or e.batch_size < 1 or e.bootstrap < 0 or e.routing_tokens < 0:
+        raise ValueError(
+            "eval.batches and eval.batch_size must be >= 1, eval.bootstrap and "
+            f"eval.routing_tokens >= 0; got {e}"
+        )
+    if not e.splits or any(s not in ("train", "valid", "test") for s in e.splits):
+        raise ValueError(
+            f"eval.splits must be a non-empty subset of train/valid/test, got {e.splits}"
+        )
+    if spec.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {spec.workers}")
+    # every arm's config must build
+    base = spec.base_config()
+    for a in spec.arms:
+        cfg = copy.deepcopy(base)
+        for key, value in ROUTER_VARIANTS[a.router].items():
+            cfg.model[key] = value
+        for key, value in a.set.items():
+            set_key(cfg, key, value)
+        cfg.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# quick (scaled-down) variant
+# ----------------------------------------------------------------------------------------------
+QUICK_MODEL = {
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "num_key_value_heads": None,
+    "moe_intermediate_size": 32,
+    "router_dim": 8,
+    "router_mlp_hidden": 16,
+    "router_xmoe_dim": 4,
+    "max_position_embeddings": 32,
+}
+
+
+def quick_spec(spec: ExperimentSpec, steps: int = 6) -> ExperimentSpec:
+    """A copy of `spec` shrunk to seconds on a CPU: same arms, routers, matching and dtype, but a
+    tiny model (width 32, at most 4 experts, depth 2 or 3), `steps` training steps, at most two
+    seeds, and a two-batch evaluation. Used by `rmoe experiment --quick` to smoke-test a spec
+    (e.g. a GPU spec on a laptop) before the real run."""
+    q = copy.deepcopy(spec)
+    q.name = f"{spec.name}-quick"
+    q.seeds = spec.seeds[:2]
+    for a in q.arms:
+        if a.seeds is not None:
+            a.seeds = a.seeds[:2]
+        a.depths = None
+        a.set = {k: v for k, v in a.set.items() if not k.startswith(("data.", "train.max_steps"))}
+        for k in list(a.set):
+            if k.startswith("model.") and k[6:] in QUICK_MODEL:
+                a.set[k] = QUICK_MODEL[k[6:]]
+    base = spec.base_config()
+    depths = spec.depths or [base.model.get("num_hidden_layers", 4)]
+    q.depths = [2] if len(depths) == 1 else [2, 3]
+    model = {k: v for k, v in QUICK_MODEL.items() if k in _model_keys()}
+    model["head_dim"] = None
+    model["num_experts"] = min(int(base.model.get("num_experts", 8)), 4)
+    model["num_experts_per_tok"] = min(int(base.model.get("num_experts_per_tok", 2)), 2)
+    model["mlp_only_layers"] = []
+    model["num_shared_experts"] = 0
+    over = copy.deepcopy(spec.overrides)
+    over.setdefault("model", {}).update(model)
+    over.setdefault("data", {}).update(
+        {"seq_len": 32, "batch_size": 4, "grad_accum": 1, "extra_eval": []}
+    )
+    over.setdefault("optim", {}).update({"warmup_steps": 2})
+    over.setdefault("train", {}).update(
+        {
+            "max_steps": steps,
+            "log_interval": 1,
+            "eval_interval": 0,
+            "eval_batches": 2,
+            "eval_batch_size": 4,
+            "save_interval": max(1, steps // 2),
+            "eval_at": [],
+            "eval_log_points": 0,
+            "compile": False,
+        }
+    )
+    q.overrides = over
+    q.time_limit_s = 120.0 if spec.time_limit_s else 0.0
+    q.eval = EvalSpec(
+        splits=list(spec.eval.splits),
+        batches=2,
+        batch_size=4,
+        routing_tokens=256,
+        bootstrap=min(spec.eval.bootstrap, 200),
+        mi_bins=spec.eval.mi_bins,
+    )
+    validate_spec(q)
+    return q
+
+
+def _model_keys() -> set[str]:
+    from ..training.config import _rmoe_fields
+
+    return set(_rmoe_fields())
