@@ -96,3 +96,42 @@ def test_to_jsonable_rejects_objects():
     assert to_jsonable({1: (math.inf, np.int64(3))}) == {"1": [None, 3]}
     with pytest.raises(ValueError, match="cannot be written as JSON"):
         to_jsonable({"x": object()})
+
+
+def test_new_figure_writers(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    grid = P.plot_matrix_grid(
+        tmp_path / "grid.png",
+        [[rng.normal(size=(4, 4)), None, rng.normal(size=(5, 5))], [rng.normal(size=(4, 4))]],
+        row_names=["A", "B"],
+        col_names=["layer 0", "layer 1", "layer 2"],
+        title="grid",
+    )
+    curves = P.plot_layer_curves(
+        tmp_path / "curves.png",
+        {"IB": {"IB": [1.0, 1.2, None]}, "cos": {"act": [0.1, 0.2, 0.3], "up": [0, 0, 0]}},
+        second={"IB": {"IB": [1.1, 1.0, 1.3]}},
+        names=("smoe", "rmoe"),
+        log_panels=["IB"],
+        reference={"IB": 1.0},
+    )
+    scatter = P.plot_scatter_grid(
+        tmp_path / "pca.png",
+        [[(rng.normal(size=(8, 2)), np.arange(8)), None], [(rng.normal(size=(8, 1)), None)]],
+        row_names=["A", "B"],
+        col_names=["l0", "l1"],
+        annotate=True,
+    )
+    bars = P.plot_load_bars(
+        tmp_path / "load.png", [np.arange(4)] * 2, second=[np.ones(4)] * 3, names=("a", "b")
+    )
+    for png in (grid, curves, scatter, bars):
+        assert png.is_file() and png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="rows is empty"):
+        P.plot_matrix_grid(tmp_path / "x.png", [[None]])
+    with pytest.raises(ValueError, match="row_names"):
+        P.plot_matrix_grid(tmp_path / "x.png", [[np.eye(2)]], row_names=["a", "b"])
+    with pytest.raises(ValueError, match="panels is empty"):
+        P.plot_layer_curves(tmp_path / "x.png", {})
+    with pytest.raises(ValueError, match="coords must be"):
+        P.plot_scatter_grid(tmp_path / "x.png", [[(np.zeros(3), None)]])

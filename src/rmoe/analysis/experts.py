@@ -203,23 +203,28 @@ class NeuronMatch:
 
 
 def _match_rows(a: torch.Tensor, b: torch.Tensor, pair: tuple[int, int] | None) -> NeuronMatch:
-    """Core of :func:`match_neurons` on validated float32 tensors [F, D]."""
-    an = torch.nn.functional.normalize(a, dim=-1, eps=_EPS)
-    bn = torch.nn.functional.normalize(b, dim=-1, eps=_EPS)
-    cos = (an @ bn.T).double().cpu().numpy()
+    """Core of :func:`match_neurons` on validated float32 tensors [F, D].
+
+    One F×F Gram matrix G = a bᵀ gives both the neuron cosines G_ij / (‖a_i‖‖b_j‖) and the
+    flattened cosines before/after reordering, Σ_i G_{i,π(i)} / (‖a‖‖b‖), without forming the
+    permuted matrix.
+    """
+    gram = (a @ b.T).double().cpu().numpy()
+    na = a.double().norm(dim=1).cpu().numpy()
+    nb = b.double().norm(dim=1).cpu().numpy()
+    cos = np.clip(gram / np.maximum(np.outer(na, nb), _EPS), -1.0, 1.0)
     rows, cols = linear_sum_assignment(cos, maximize=True)
     perm = cols[np.argsort(rows)]
     f = perm.size
-    a64, b64 = a.double(), b.double()
-    denom = max(float(a64.norm() * b64.norm()), _EPS)
-    perm_t = torch.as_tensor(perm, device=b.device)
-    tau = kendalltau(np.arange(f), perm)[0] if f > 1 else 1.0
+    idx = np.arange(f)
+    denom = max(math.sqrt(float((na**2).sum()) * float((nb**2).sum())), _EPS)
+    tau = kendalltau(idx, perm)[0] if f > 1 else 1.0
     return NeuronMatch(
         permutation=perm,
-        mean_matched_cosine=float(cos[np.arange(f), perm].mean()),
+        mean_matched_cosine=float(cos[idx, perm].mean()),
         mean_identity_cosine=float(np.diag(cos).mean()),
-        flat_cosine_before=float((a64 * b64).sum()) / denom,
-        flat_cosine_after=float((a64 * b64[perm_t]).sum()) / denom,
+        flat_cosine_before=float(np.trace(gram)) / denom,
+        flat_cosine_after=float(gram[idx, perm].sum()) / denom,
         kendall_tau=float(tau),
         pair=pair,
     )
@@ -233,8 +238,8 @@ def match_neurons(w_a: ArrayLike, w_b: ArrayLike) -> NeuronMatch:
     matrix type separately; to match whole neurons jointly, concatenate the types along D
     (e.g. ``np.concatenate([up, act, down], axis=-1)``) before calling.
 
-    Cost: one F×F×D matmul plus an O(F³) assignment; ≈0.15–0.2 s for F = 1024, D = 2048 on a
-    2-core CPU (random weights).
+    Cost: one F×F×D matmul plus an O(F³) assignment: ≈0.25 s for F = 1024, D = 2048 on a
+    2-core CPU (random weights; matmul ≈0.1 s, assignment ≈0.15 s).
 
     Args:
         w_a, w_b: [F, D] matrices of the same type from two experts.

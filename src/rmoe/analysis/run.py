@@ -187,6 +187,19 @@ def load_for_analysis(
     return model, tokenizer, info
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {['auto', *_DTYPES]}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
 def _model_names(paths: Sequence[str]) -> list[str]:
     names = [Path(p).expanduser().resolve().name or "model" for p in paths]
     if len(set(names)) < len(names):
@@ -364,7 +377,7 @@ def _dynamic_metrics(
         ang_sum += sim.angular * m
         norms = X.expert_output_norms(outs)  # [m, E]
         counts += X.norm_score_rank_counts(norms, scores[sl])
-        active += (acts.abs() > _ACTIVE_THRESHOLD).double().mean(dim=2).sum(dim=1).numpy()
+        active += (acts.abs() > _ACTIVE_THRESHOLD).float().mean(dim=2).sum(dim=1).cpu().numpy()
         norm_sum += norms.sum(axis=0)
         chosen = np.zeros_like(norms, dtype=bool)
         np.put_along_axis(chosen, lc.topk_idx[sl].numpy(), True, axis=1)
@@ -401,10 +414,8 @@ def _expert_layer_metrics(
 ) -> dict[str, Any]:
     w0 = adapter.expert_weights(i)
     w = ExpertWeights(
-        *(getattr(w0, t).detach().float().cpu() for t in MATRIX_TYPES),
-        shared=None
-        if w0.shared is None
-        else {t: v.detach().float().cpu() for t, v in w0.shared.items()},
+        *(getattr(w0, t).detach().float() for t in MATRIX_TYPES),
+        shared=None if w0.shared is None else {t: v.detach().float() for t, v in w0.shared.items()},
         layout=w0.layout,
     )
     mats = w.as_dict()
@@ -423,7 +434,7 @@ def _expert_layer_metrics(
     out["neuron_avg_similarity_offdiag_mean"] = {
         t: _offdiag_mean(s[:e, :e]) for t, s in nav.items()
     }
-    if e >= 2:
+    if e >= 2 and match_pairs != "none":
         matching: dict[str, Any] = {}
         for t, m in mats.items():
             res = X.match_expert_pairs(m, match_pairs)
@@ -434,7 +445,7 @@ def _expert_layer_metrics(
                 "kendall_tau_mean": _nanmean(r.kendall_tau for r in res),
             }
         out["neuron_matching"] = matching
-    router_w = adapter.router_weight(i).detach().float().cpu()
+    router_w = adapter.router_weight(i).detach().float()
     out["router_space"] = adapter.layers[i].router_space
     if e >= 3:
         try:
@@ -449,6 +460,7 @@ def _expert_layer_metrics(
         f_dim = w.act.shape[1]
         take = min(f_dim, _NEURONS_PER_EXPERT_PCA)
         idx = torch.as_tensor(np.sort(rng.choice(f_dim, size=take, replace=False)))
+        idx = idx.to(w.act.device)
         out["pca_neurons_act"] = X.neuron_pca(w.act[:, idx])
         out["pca_neurons_sampled_per_expert"] = take
     out["diversity_score"] = X.expert_diversity_score(list(mats.values()))
@@ -1100,6 +1112,7 @@ def analyze(
     device: str | torch.device | None = None,
     output_tokens: int = 4096,
     match_pairs: str = "nearest",
+    dtype: str | torch.dtype | None = None,
     grad_batch_size: int = 8,
     cache_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
@@ -1119,7 +1132,10 @@ def analyze(
         output_tokens: tokens (the first ones) on which every expert is run for the output
             similarity, rank and activation analyses (0 = skip them).
         match_pairs: expert pairs for neuron matching ("nearest", "all", "adjacent"; see
-            :func:`rmoe.analysis.experts.select_pairs`).
+            :func:`rmoe.analysis.experts.select_pairs`), or "none" to skip it (e.g. for
+            Mixtral's F = 14336, where one assignment takes minutes).
+        dtype: weights dtype ("float32", "bfloat16", "float16" or a torch dtype; default
+            float32 on CPU and bfloat16 on CUDA). Routing math is float32 either way.
         grad_batch_size: windows in the router-gradient batch (0 = skip).
         cache_dir: token cache folder (default: the data pipeline's).
         progress: a ``tqdm``-like callable for progress bars (default: none).
@@ -1147,6 +1163,11 @@ def analyze(
         resolve_model_dir(p)
     progress = progress or _no_progress
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = _resolve_dtype(dtype, dev)
+    if match_pairs not in ("nearest", "all", "adjacent", "none"):
+        raise ValueError(
+            f"match_pairs must be 'nearest', 'all', 'adjacent' or 'none'; got {match_pairs!r}"
+        )
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -1158,7 +1179,7 @@ def analyze(
     timing: dict[str, float] = {}
     for name, path in zip(names, paths):
         t0 = time.perf_counter()
-        model, tokenizer, info = load_for_analysis(path, dev)
+        model, tokenizer, info = load_for_analysis(path, dev, torch_dtype)
         adapter = get_adapter(model)
         loaded = _Loaded(name, path, Path(info["model_dir"]), model, adapter, tokenizer, info)
         max_pos = int(getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
@@ -1249,6 +1270,7 @@ def analyze(
             "device": str(dev),
             "output_tokens": output_tokens,
             "match_pairs": match_pairs,
+            "dtype": str(torch_dtype).removeprefix("torch."),
             "grad_batch_size": grad_batch_size,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

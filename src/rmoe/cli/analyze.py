@@ -74,11 +74,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--match-pairs",
         default="nearest",
-        choices=["nearest", "all", "adjacent"],
-        help="expert pairs for neuron matching (default: nearest = each expert's most similar)",
+        choices=["nearest", "all", "adjacent", "none"],
+        help="expert pairs for neuron matching (default: nearest = each expert's most similar; "
+        "none = skip, e.g. for very wide experts)",
     )
     p.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto = cuda if present)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: auto = float32 on CPU, bfloat16 on CUDA)",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -127,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         device=None if args.device == "auto" else args.device,
         output_tokens=args.output_tokens,
         match_pairs=args.match_pairs,
+        dtype=args.dtype,
         progress=progress,
     )
     outputs = result["outputs"]
