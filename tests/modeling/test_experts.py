@@ -94,9 +94,14 @@ def test_noncontiguous_idx_and_gw_style_call() -> None:
 
 
 def test_auto_rule_on_cpu() -> None:
-    x = torch.randn(4, 8)
-    assert auto_backend(x) == "sorted"
-    assert resolve_backend("auto", x) is DISPATCH_BACKENDS["sorted"]
+    gate = torch.zeros(8, 4, 16)
+    x, many, few = torch.randn(4, 16), torch.zeros(4, 2, dtype=torch.long), torch.zeros(1, 2)
+    gmm_ok = ex.grouped_mm_unsupported_reason(x, gate) is None
+    assert auto_backend(x, gate, many) == ("grouped_mm" if gmm_ok else "sorted")
+    assert auto_backend(x[:1], gate, few) == "sorted"  # N*K < E: most experts idle
+    assert auto_backend(x.double(), gate.double(), many) == "sorted"
+    want = DISPATCH_BACKENDS[auto_backend(x, gate, many)]
+    assert resolve_backend("auto", x, gate, many) is want
 
 
 def test_unknown_backend_names_the_choices() -> None:

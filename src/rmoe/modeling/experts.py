@@ -18,9 +18,9 @@ registered by name in `DISPATCH_BACKENDS`. Every backend is dropless.
                 per projection with int32 offsets computed on the device: no host sync. Inner
                 sizes are zero-padded where the kernel needs 16-byte aligned strides.
 
-`resolve_backend("auto", x)` picks by device, dtype and torch version (`auto_backend` documents
-the rule); an explicitly requested `grouped_mm` that this torch/device/dtype cannot run falls back
-to `sorted` (logged once).
+`resolve_backend("auto", x, gate, idx)` picks by device, dtype, torch version and load
+(`auto_backend` documents the measured rule); an explicitly requested `grouped_mm` that this
+torch/device/dtype cannot run falls back to `sorted` (logged once).
 """
 
 from __future__ import annotations
@@ -265,32 +265,49 @@ DISPATCH_BACKENDS: MappingProxyType[str, DispatchFn] = MappingProxyType(
 )
 
 
-def auto_backend(x: torch.Tensor, gate: torch.Tensor | None = None) -> str:
+def auto_backend(
+    x: torch.Tensor, gate: torch.Tensor | None = None, idx: torch.Tensor | None = None
+) -> str:
     """The backend "auto" picks for x's device and dtype with this torch (measured rule).
 
-    CUDA: "grouped_mm" where it is supported (bf16, sm80+, torch >= 2.9; sm90 on torch 2.8) —
-    no host sync, one kernel per projection; otherwise "sorted".
-    CPU and other devices: "sorted". On CPU the grouped_mm kernel is itself a loop of per-group
-    GEMMs, so it ties with "sorted" in fp32 and is slower in bf16 (benchmarks/RESULTS.md).
+    "grouped_mm" wherever `grouped_mm_unsupported_reason` allows it (CUDA: bf16 on sm80+ with
+    torch >= 2.9, sm90 with 2.8; CPU: torch >= 2.9, fp32/bf16/fp16), except on CPU when there
+    are fewer assignments than experts (N*K < E, e.g. decoding one token with many experts),
+    where "sorted" only touches the experts in use. Everything else: "sorted".
+    Why: grouped_mm needs no host sync and writes each weight gradient once as [E, ...]; on a
+    2-core CPU (torch 2.13, fp32) it tied with "sorted" at E=8 and was 5-20 % faster at E=64
+    (benchmarks/RESULTS.md), and it loses only when most experts are empty.
+
+    Args:
+        x: [N, D] tokens.
+        gate: [E, F, D] expert weights (their dtype must match x for grouped_mm), or None.
+        idx: [N, K] chosen experts, or None (then the N*K < E rule is not applied).
     """
-    if (
-        x.device.type == "cuda"
-        and grouped_mm_unsupported_reason(x, gate if gate is not None else x) is None
-    ):
-        return "grouped_mm"
-    return "sorted"
+    w = gate if gate is not None else x
+    if grouped_mm_unsupported_reason(x, w) is not None:
+        return "sorted"
+    if x.device.type == "cpu" and idx is not None and gate is not None:
+        if idx.numel() < gate.shape[0]:
+            return "sorted"
+    return "grouped_mm"
 
 
-def resolve_backend(name: str, x: torch.Tensor, gate: torch.Tensor | None = None) -> DispatchFn:
+def resolve_backend(
+    name: str,
+    x: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    idx: torch.Tensor | None = None,
+) -> DispatchFn:
     """The dispatch function for backend `name` on x's device and dtype ("auto" picks).
 
     Args:
         name: "auto" or a key of `DISPATCH_BACKENDS`.
         x: [N, D] the tokens to dispatch (device and dtype decide "auto").
-        gate: the [E, F, D] expert weights, if known (their dtype also decides).
+        gate: the [E, F, D] expert weights, if known (their dtype and E also decide).
+        idx: the [N, K] chosen experts, if known (N*K decides on CPU).
     """
     if name == "auto":
-        name = auto_backend(x, gate)
+        name = auto_backend(x, gate, idx)
     if name not in DISPATCH_BACKENDS:
         raise ValueError(
             f"experts backend {name!r} is not available here; choose one of "
@@ -321,7 +338,7 @@ class Experts(nn.Module):
         `backend` overrides the module's backend for this call ("auto", "loop", "sorted",
         "grouped_mm").
         """
-        fn = resolve_backend(backend or self.backend, x, self.gate_proj)
+        fn = resolve_backend(backend or self.backend, x, self.gate_proj, idx)
         return fn(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj)
 
     def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
