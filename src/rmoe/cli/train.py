@@ -15,6 +15,17 @@ EXAMPLE = """examples:
   torchrun --nproc_per_node 8 -m rmoe.cli.main train enwik8-medium --out runs/e8-ddp
   rmoe train tiny --out runs/cpt --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics
 
+continual pre-training strategies (with --init-from; data.corpus is the new domain):
+  rmoe train tiny --out runs/cpt-sub --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \
+      --subset-tokens 100000 --epochs 4
+  rmoe train tiny --out runs/cpt-rel --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \
+      --select relevance --select-top 0.25 --select-reference builtin:docstrings --epochs 4
+  rmoe train tiny --out runs/cpt-mix --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \
+      --replay python-stdlib --replay-ratio 0.25
+The chosen data is written to RUN/cpt_data (text corpus + manifest.json); the old domain is added
+to data.extra_eval; evaluation is log-spaced (dense at the start) unless configured; at the end
+RUN/gap.{json,md,png} report the stability gap (also: rmoe continual gap RUN).
+
 Config keys are section.key (model.*, data.*, optim.*, train.*); see `rmoe train --list-keys`.
 """
 
@@ -46,6 +57,49 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="start from the weights of this run or saved model (continual pre-training)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = p.add_argument_group(
+        "continual pre-training strategies (rmoe.continual.cpt; use with --init-from)"
+    )
+    c.add_argument(
+        "--subset-tokens", type=int, help="train on a subset of about N tokens of the new domain"
+    )
+    c.add_argument(
+        "--epochs",
+        type=float,
+        help="passes over the chosen data: sets train.max_steps (subset x epochs = budget)",
+    )
+    c.add_argument(
+        "--select",
+        choices=["random", "relevance", "perplexity"],
+        help="how the subset is chosen: random, relevance to --select-reference, or lowest "
+        "perplexity under the starting model",
+    )
+    c.add_argument("--select-top", type=float, help="share of the new domain's tokens to keep")
+    c.add_argument(
+        "--select-scorer",
+        choices=["tfidf", "ngram"],
+        default="tfidf",
+        help="relevance scorer: TF-IDF cosine or character-trigram Moore-Lewis (default tfidf)",
+    )
+    c.add_argument(
+        "--select-reference",
+        help="reference sample of the target domain: corpus spec, text file or builtin:docstrings",
+    )
+    c.add_argument(
+        "--chunk-chars",
+        type=int,
+        default=0,
+        help="cut documents into pieces of at most N characters before selecting (0 = whole)",
+    )
+    c.add_argument(
+        "--replay", metavar="CORPUS", help="mix this corpus (the original domain) back in"
+    )
+    c.add_argument("--replay-ratio", type=float, default=0.0, help="share of replayed tokens")
+    c.add_argument(
+        "--old-corpus",
+        help="original domain to evaluate (default: the --init-from run's corpus)",
+    )
+    c.add_argument("--no-gap-report", action="store_true", help="do not write RUN/gap.* at the end")
     p.add_argument("--list-keys", action="store_true", help="print every config key and exit")
     return p
 
@@ -60,6 +114,25 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out DIR is required (the run directory)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = load_config(args.config, args.set)
+    cpt = _cpt_options(args)
+    if cpt is not None:
+        from rmoe.continual.cpt import prepare_continual_pretraining
+
+        if args.init_from is None and not args.resume:
+            raise ValueError(
+                "continual pre-training options need --init-from RUN (the model to continue)"
+            )
+        cfg, manifest = prepare_continual_pretraining(
+            cfg, args.out, args.init_from, cpt, resume=args.resume
+        )
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"continual pre-training data: {manifest['selected_tokens']:,} of "
+                f"{manifest['pool_tokens']:,} new-domain tokens, {manifest['replay_tokens']:,} "
+                f"replay tokens; {cfg.train.max_steps} steps "
+                f"({manifest['epochs_over_derived_data']:.2f} epochs) -> {cfg.data.corpus}",
+                file=sys.stderr,
+            )
     result = train(
         cfg,
         args.out,
@@ -75,4 +148,31 @@ def run(args: argparse.Namespace) -> int:
         msg += f"; valid loss {ev['loss']:.4f}, bits/byte {ev['bpb']:.4f}, ppl {ev['ppl']:.3f}"
     print(msg)
     print(f"run directory: {result.run_dir}")
+    if (cpt is not None or args.init_from) and not args.no_gap_report:
+        from rmoe.continual.gap import write_gap_report
+
+        try:
+            paths = write_gap_report(result.run_dir)
+            print(f"stability gap: {paths['markdown']} ({paths['png'].name})")
+        except ValueError as exc:  # no evaluation curve to measure
+            print(f"stability gap: not written ({exc})", file=sys.stderr)
     return 0 if result.status != "interrupted" else 130
+
+
+def _cpt_options(args: argparse.Namespace):
+    """The continual pre-training options given on the command line, or None."""
+    from rmoe.continual.cpt import CPTOptions
+
+    opts = CPTOptions(
+        subset_tokens=args.subset_tokens,
+        epochs=args.epochs,
+        select=args.select,
+        select_top=args.select_top,
+        scorer=args.select_scorer,
+        reference=args.select_reference,
+        chunk_chars=args.chunk_chars,
+        replay=args.replay,
+        replay_ratio=args.replay_ratio,
+        old_corpus=args.old_corpus,
+    )
+    return opts if opts.active() or args.old_corpus else None

@@ -113,10 +113,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["MIGU", "ExpertOutputProbe", "RandomMask", "num_kept_rows"]
+__all__ = ["MIGU", "ExpertOutputProbe", "RandomMask", "cover_experts", "num_kept_rows"]
 
 TargetSpec = Callable[[str, nn.Module], bool] | Sequence[str] | str | None
 """Which layers to cover: a predicate ``(name, module) -> bool``, glob pattern(s) on the name, or
@@ -453,6 +454,11 @@ class _RowMasker:
             raise ValueError("token mask must be a tensor [B, T] (or [N]) of 0/1 values, or None")
         self._token_mask = mask.detach().reshape(-1).to(torch.float32)
 
+    @property
+    def token_mask_numel(self) -> int | None:
+        """Number of tokens of the current token mask (``B*T``), or None when none is set."""
+        return None if self._token_mask is None else int(self._token_mask.numel())
+
     @contextmanager
     def token_mask(self, mask: Tensor | None) -> Iterator[None]:
         """Context manager form of :meth:`set_token_mask`; restores the previous mask."""
@@ -728,3 +734,77 @@ class RandomMask(_RowMasker):
     def _keep_mask(self, target: _Target) -> Tensor:
         scores = torch.rand(target.mask_shape(), generator=self._generator)
         return self._topk_mask(scores)
+
+
+def cover_experts(masker: _RowMasker, model: nn.Module) -> list[str]:
+    """Cover the 3-D weights of every rmoe ``Experts`` module that has no probe.
+
+    rmoe's ``Experts`` (``gate_proj``/``up_proj`` ``[E, F, D]``, ``down_proj`` ``[E, D, F]``, all
+    with output units on dim 1) does not call an :class:`ExpertOutputProbe`, so this installs one
+    forward hook per module that recomputes, for each dispatched (token, expert) pair, the outputs
+    of the three weights (``x W_gate^T``, ``x W_up^T``, ``(silu(g) * u) W_down^T``) and feeds
+    them to ``masker``. The recomputation costs about one extra expert forward per step for
+    MIGU (nothing for :class:`RandomMask`, which needs no statistics). Weights already covered
+    (a probe was found) are skipped.
+
+    The hooked call is ``experts(x [n, D], idx [n, K], weight [n, K])``; token indices are passed
+    (so padding is excluded) when ``n`` equals the current token mask's size, i.e. for the
+    regular dispatch; GW-MoE's extra call on the broadcast tokens counts all of its rows.
+
+    Returns:
+        The parameter names newly covered.
+    """
+    from rmoe.modeling.experts import Experts
+
+    added: list[str] = []
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, Experts):
+            continue
+        records: dict[str, Callable[..., None]] = {}
+        for attr in ("gate_proj", "up_proj", "down_proj"):
+            pname = f"{mod_name}.{attr}" if mod_name else attr
+            param = getattr(module, attr)
+            if pname in masker.covered or not masker._keep(pname, module, param):
+                continue
+            records[attr] = masker.register_expert_weight(param, out_dim=1, name=pname)
+            added.append(pname)
+        if not records or not masker._needs_stats:
+            continue
+
+        def hook(
+            mod: nn.Module,
+            args: tuple,
+            kwargs: dict,
+            output: Tensor,
+            records: dict[str, Callable[..., None]] = records,
+        ) -> None:
+            if not (masker.enabled and torch.is_grad_enabled()):
+                return
+            bound = dict(zip(("x", "idx", "weight"), args)) | kwargs
+            x, idx = bound["x"], bound["idx"]
+            with torch.no_grad():
+                n, k = idx.shape
+                eid = idx.reshape(-1)
+                order = torch.argsort(eid, stable=True)
+                eid = eid[order]
+                tok = torch.arange(n, device=x.device).repeat_interleave(k)[order]
+                counts = torch.bincount(eid, minlength=mod.num_experts).tolist()
+                outs: dict[str, list[Tensor]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
+                start = 0
+                for e, c in enumerate(counts):
+                    if c == 0:
+                        continue
+                    xe = x[tok[start : start + c]]
+                    g = F.linear(xe, mod.gate_proj[e])
+                    u = F.linear(xe, mod.up_proj[e])
+                    outs["gate_proj"].append(g)
+                    outs["up_proj"].append(u)
+                    if "down_proj" in records:
+                        outs["down_proj"].append(F.linear(F.silu(g) * u, mod.down_proj[e]))
+                    start += c
+                token_index = tok if masker.token_mask_numel == n else None
+                for attr, record in records.items():
+                    record(torch.cat(outs[attr]), eid, token_index)
+
+        masker._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    return added
