@@ -803,8 +803,9 @@ def cover_experts(masker: _RowMasker, model: nn.Module) -> list[str]:
                         outs["down_proj"].append(F.linear(F.silu(g) * u, mod.down_proj[e]))
                     start += c
                 token_index = tok if masker.token_mask_numel == n else None
-                for attr, record in records.items():
-                    record(torch.cat(outs[attr]), eid, token_index)
+            # outside no_grad: record() only accumulates while gradients are enabled
+            for attr, record in records.items():
+                record(torch.cat(outs[attr]), eid, token_index)
 
         masker._handles.append(module.register_forward_hook(hook, with_kwargs=True))
     return added
