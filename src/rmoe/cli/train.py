@@ -22,9 +22,10 @@ continual pre-training strategies (with --init-from; data.corpus is the new doma
       --select relevance --select-top 0.25 --select-reference builtin:docstrings --epochs 4
   rmoe train tiny --out runs/cpt-mix --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \
       --replay python-stdlib --replay-ratio 0.25
-The chosen data is written to RUN/cpt_data (text corpus + manifest.json); the old domain is added
-to data.extra_eval; evaluation is log-spaced (dense at the start) unless configured; at the end
-RUN/gap.{json,md,png} report the stability gap (also: rmoe continual gap RUN).
+The chosen data is written to RUN/cpt_data (a text corpus; RUN/cpt_manifest.json says what is
+in it); the old domain is added to data.extra_eval; evaluation is log-spaced (dense at the start)
+unless configured; at the end RUN/gap.{json,md,png} report the stability gap (also:
+rmoe continual gap RUN).
 
 Config keys are section.key (model.*, data.*, optim.*, train.*); see `rmoe train --list-keys`.
 """

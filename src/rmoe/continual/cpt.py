@@ -4,7 +4,7 @@ The paper's three remedies for the stability gap -- a properly sized subset trai
 epochs, a high-quality / domain-relevant subset, and a data mixture resembling the original
 pre-training data -- are all choices of *what text* the continued run sees. Here each is
 materialised once, before training, as a text directory under the run directory
-(``<run>/cpt_data/{train,valid,test}/*.txt`` + ``manifest.json``), and the run's
+(``<run>/cpt_data/{train,valid,test}/*.txt``, described by ``<run>/cpt_manifest.json``), and the run's
 ``data.corpus`` is pointed at it (``text:<run>/cpt_data``), so the trainer is unchanged:
 
 - ``subset_tokens=N`` (with ``epochs=K``): a seeded random subset of the new domain's training
@@ -72,7 +72,7 @@ __all__ = [
 
 SELECTIONS: tuple[str, ...] = ("random", "relevance", "perplexity")
 SCORERS: tuple[str, ...] = ("tfidf", "ngram")
-MANIFEST = "manifest.json"
+MANIFEST = "cpt_manifest.json"
 DATA_DIR = "cpt_data"
 
 
@@ -232,16 +232,22 @@ def reference_texts(spec: str, text_field: str = "text") -> list[str]:
 
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]+")
+_STOP = frozenset(
+    "the of and to in is it that for on as with by be are this or an at from which not if "
+    "was but can all its has have will when then than so such into also may these their".split()
+)
+"""English function words left out of TF-IDF vectors (they carry no domain signal)."""
 
 
 def _words(text: str) -> Counter[str]:
-    return Counter(w.lower() for w in _WORD.findall(text))
+    return Counter(w for w in (m.lower() for m in _WORD.findall(text)) if w not in _STOP)
 
 
 def tfidf_scores(pool: Sequence[str], reference: Sequence[str]) -> np.ndarray:
     """Cosine similarity of each pool document's TF-IDF vector to the reference centroid.
 
-    IDF is ``log((1 + n) / (1 + df)) + 1`` over the pool; term frequency is ``1 + log(count)``;
+    Words are lower-cased identifiers of 2+ characters minus a short English stop list; IDF is
+    ``log((1 + n) / (1 + df)) + 1`` over the pool; term frequency is ``1 + log(count)``;
     vectors are L2-normalised; the centroid is the mean of the reference vectors (IDF of the
     pool). Returns ``[len(pool)]`` float64.
     """
@@ -366,17 +372,13 @@ def _file_name(split: str, index: int) -> str:
     raise RuntimeError("no file name hashes into split")  # pragma: no cover - p ~ 0
 
 
-def materialize_corpus(
-    out_dir: str | Path,
-    splits: dict[str, Sequence[str]],
-    manifest: dict[str, Any],
-) -> Path:
-    """Write documents as ``<out_dir>/<split>/<index>-<k>.txt`` (names hash to their split) and
-    ``manifest.json``, atomically (a temporary directory renamed into place).
+def materialize_corpus(out_dir: str | Path, splits: dict[str, Sequence[str]]) -> Path:
+    """Write documents as ``<out_dir>/<split>/<index>-<k>.txt`` (names hash to their split),
+    atomically (a temporary directory renamed into place, replacing an older one).
 
     Returns:
         ``out_dir``. A ``text:<out_dir>`` corpus then yields exactly these documents per split,
-        in order.
+        in order. Nothing else is written into ``out_dir`` (any file there would be a document).
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +388,6 @@ def materialize_corpus(
             (tmp / split).mkdir(parents=True, exist_ok=True)
             for i, doc in enumerate(docs):
                 (tmp / _file_name(split, i)).write_text(doc, encoding="utf-8")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -394,6 +395,12 @@ def materialize_corpus(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _n_tokens(tokenizer: Any, doc: str) -> int:
@@ -480,9 +487,9 @@ def prepare_continual_pretraining(
         "tokens_per_step": tokens_per_step,
         "max_steps": cfg.train.max_steps,
     }
-    manifest_path = data_dir / MANIFEST
+    manifest_path = run / MANIFEST
     manifest: dict[str, Any] | None = None
-    if manifest_path.is_file():
+    if manifest_path.is_file() and data_dir.is_dir():
         existing = json.loads(manifest_path.read_text())
         if existing.get("key") == key:
             manifest = existing
@@ -493,6 +500,7 @@ def prepare_continual_pretraining(
             )
     if manifest is None:
         manifest = _build(cfg, data_dir, init_from, options, tokenizer, target, old, key)
+        _write_json(manifest_path, manifest)
     cfg.data.corpus = f"text:{data_dir}"
     if old and old not in cfg.data.extra_eval and old != target:
         cfg.data.extra_eval = [*cfg.data.extra_eval, old]
@@ -613,7 +621,7 @@ def _build(
     test = [as_text(d) for d in corpus.documents("test")]
     if not valid:
         raise ValueError(f"the new domain {target!r} has no valid documents to evaluate on")
-    materialize_corpus(data_dir, {"train": mixed, "valid": valid, "test": test}, manifest)
+    materialize_corpus(data_dir, {"train": mixed, "valid": valid, "test": test})
     log.info(
         "continual pre-training data: %d of %d documents (%d tokens), %d replay tokens (%.1f%%)",
         len(train_docs),

@@ -11,7 +11,8 @@ initial value (step 0, before any update), the worst value and its step, the dip
 the loss rose above its starting value), the step at which it came back to the starting value
 and the steps that took, the area of the excursion above the start, and the final value; plus
 ``mean_loss`` (the area under the whole curve divided by its step range -- lower is better,
-the summary of how fast the domain was learned) and ``best_value``. Corpora are labelled
+the summary of how fast the domain was learned), ``best_value`` and ``rebound`` (the largest rise
+above the best value reached so far: the transient bump of a curve that falls overall). Corpora are labelled
 ``new`` and ``old`` from the derived corpus's manifest (:mod:`rmoe.continual.cpt`) when there is
 one. :func:`write_gap_report` writes ``gap.json``, ``gap.md`` and ``gap.png``;
 :func:`compare_gap_reports` puts several runs side by side.
@@ -31,6 +32,7 @@ from rmoe.continual.metrics import _new_figure, stability_gap
 __all__ = [
     "compare_gap_reports",
     "corpus_labels",
+    "max_rebound",
     "curve_mean",
     "gap_report",
     "read_eval_curves",
@@ -78,11 +80,24 @@ def curve_mean(steps: Sequence[float], values: Sequence[float]) -> float:
     return float(np.sum((v[1:] + v[:-1]) * np.diff(s)) / 2.0 / (s[-1] - s[0]))
 
 
+def max_rebound(steps: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
+    """Largest rise of a loss curve above its best value so far: ``(rise, step)``.
+
+    ``max_t (v_t - min_{s <= t} v_s)``: a transient instability of a curve that falls overall
+    (a dip-and-recovery that never goes above the starting value has ``dip_depth`` 0 but a
+    positive rebound). ``(0.0, steps[0])`` for a curve that never rises.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    rise = v - np.minimum.accumulate(v)
+    i = int(np.argmax(rise))
+    return float(rise[i]), float(steps[i])
+
+
 def corpus_labels(run_dir: str | Path) -> dict[str, str]:
     """``{corpus spec: "new" | "old"}`` from the run's derived-corpus manifest and config."""
     run = Path(run_dir)
     labels: dict[str, str] = {}
-    manifest = run / "cpt_data" / "manifest.json"
+    manifest = run / "cpt_manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         labels[m["derived_corpus"]] = "new"
@@ -123,9 +138,15 @@ def gap_report(
             label = corpus
         gap = stability_gap(steps, values, higher_is_better=False, tolerance=tolerance)
         best = int(np.argmin(values))
+        rebound, rebound_step = max_rebound(steps, values)
         out["curves"][label] = {
             "corpus": corpus,
             **gap.to_dict(),
+            "rebound": rebound,
+            "rebound_step": rebound_step,
+            "recovered_share": (gap.worst_value - gap.final_value) / gap.dip_depth
+            if gap.dip_depth > 0
+            else None,
             "mean_loss": curve_mean(steps, values),
             "best_value": float(values[best]),
             "best_step": int(steps[best]),
@@ -142,14 +163,16 @@ _COLUMNS = [
     ("dip_depth", "dip depth", "{:.4f}"),
     ("steps_to_recover", "steps to recover", "{:.0f}"),
     ("gap_area", "gap area", "{:.3f}"),
+    ("recovered_share", "recovered share", "{:.2f}"),
+    ("rebound", "rebound", "{:.4f}"),
     ("mean_loss", "mean loss (AUC/steps)", "{:.4f}"),
     ("final_value", "final", "{:.4f}"),
 ]
 
 
-def _cell(value: Any, fmt: str) -> str:
+def _cell(value: Any, fmt: str, key: str = "") -> str:
     if value is None:
-        return "never"
+        return "never" if key == "steps_to_recover" else "-"
     return fmt.format(value)
 
 
@@ -157,7 +180,7 @@ def _table(rows: Sequence[tuple[str, str, dict[str, Any]]]) -> list[str]:
     head = "| run | curve | " + " | ".join(c[1] for c in _COLUMNS) + " |"
     lines = [head, "|---|---|" + "---:|" * len(_COLUMNS)]
     for run, label, c in rows:
-        cells = " | ".join(_cell(c.get(k), f) for k, _, f in _COLUMNS)
+        cells = " | ".join(_cell(c.get(k), f, k) for k, _, f in _COLUMNS)
         lines.append(f"| {run} | {label} | {cells} |")
     return lines
 
@@ -166,7 +189,9 @@ _NOTE = (
     "Validation loss (nats/token) at log-spaced steps; step 0 is the starting model. dip depth ="
     " max(0, worst - start): how far the loss rose above its starting value; steps to recover ="
     " first step after the worst point back at or below the start ('never' if it did not);"
-    " gap area = area of the curve above the start; mean loss = area under the curve / steps."
+    " gap area = area of the curve above the start; recovered share = (worst - final) / dip depth;"
+    " rebound = largest rise above the best value so"
+    " far (a transient bump of a falling curve); mean loss = area under the curve / steps."
 )
 
 
