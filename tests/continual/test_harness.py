@@ -50,6 +50,9 @@ def test_harness_on_two_tasks_writes_matrix_json_md_png(tmp_path, tokenizer, two
     assert res.metrics == m
     assert res.metrics.average_accuracy == pytest.approx(a[-1].mean())
     assert res.metrics.backward_transfer == pytest.approx(a[1, 0] - a[0, 0])
+    lm = np.asarray(res.loss_matrix)
+    assert res.loss_backward_transfer == pytest.approx(lm[1, 0] - lm[0, 0])
+    assert res.loss_average == pytest.approx(lm[1].mean())
     assert [s["task"] for s in stages] == ["upper", "rev"]
     out = tmp_path / "out"
     for name in (

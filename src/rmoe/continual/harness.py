@@ -187,6 +187,10 @@ class ContinualResult:
         baseline: accuracy of the starting model on each task (FWT baseline).
         baseline_loss: its answer loss on each task.
         metrics: AA, BWT, forgetting, FWT.
+        loss_average: mean answer loss over all tasks after the last stage (lower is better).
+        loss_backward_transfer: ``mean_{j<T-1} (L[T-1, j] - L[j, j])`` on the answer-loss
+            matrix: how much the loss on earlier tasks grew by the end (positive = forgetting);
+            graded where exact match has already dropped to 0.
         stages: per stage: steps, final training loss, replay buffer content, seconds.
         seconds: total wall time.
     """
@@ -198,6 +202,8 @@ class ContinualResult:
     baseline: list[float]
     baseline_loss: list[float]
     metrics: ContinualMetrics
+    loss_average: float = 0.0
+    loss_backward_transfer: float | None = None
     stages: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -307,6 +313,8 @@ def run_sequence(
         baseline=base_acc,
         baseline_loss=base_loss,
         metrics=continual_metrics(matrix, base_acc),
+        loss_average=float(np.mean(loss_matrix[-1])),
+        loss_backward_transfer=_loss_bwt(loss_matrix),
         stages=stages,
         seconds=time.perf_counter() - t0,
     )
@@ -336,6 +344,14 @@ def run_sequence(
         (out / "result.json").write_text(json.dumps(payload, indent=2) + "\n")
         (out / "predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")
     return result
+
+
+def _loss_bwt(loss_matrix: Sequence[Sequence[float]]) -> float | None:
+    a = np.asarray(loss_matrix, dtype=np.float64)
+    if len(a) < 2:
+        return None
+    j = np.arange(len(a) - 1)
+    return float((a[-1, j] - a[j, j]).mean())
 
 
 def compare_methods(
@@ -386,7 +402,14 @@ def write_comparison(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = {
-        method: {**r.metrics.to_dict(), "seconds": r.seconds, "matrix": r.matrix}
+        method: {
+            **r.metrics.to_dict(),
+            "loss_average": r.loss_average,
+            "loss_backward_transfer": r.loss_backward_transfer,
+            "seconds": r.seconds,
+            "matrix": r.matrix,
+            "loss_matrix": r.loss_matrix,
+        }
         for method, r in results.items()
     }
     payload: dict[str, Any] = {"methods": rows}
@@ -396,17 +419,24 @@ def write_comparison(
         payload["config"] = {**asdict(cfg), "sft": cfg.sft.to_dict()}
     (out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        "| method | AA | BWT | forgetting | FWT | minutes |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | AA | BWT | forgetting | FWT | final answer loss | loss BWT | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, r in results.items():
         m = r.metrics
         lines.append(
             f"| {method} | {m.average_accuracy:.3f} | {_fmt(m.backward_transfer)} | "
-            f"{_fmt(m.forgetting)} | {_fmt(m.forward_transfer)} | {r.seconds / 60:.1f} |"
+            f"{_fmt(m.forgetting)} | {_fmt(m.forward_transfer)} | {r.loss_average:.3f} | "
+            f"{_fmt(r.loss_backward_transfer)} | {r.seconds / 60:.1f} |"
         )
     if results:
         names = next(iter(results.values())).task_names
-        lines += ["", "Tasks in order: " + " -> ".join(names) + "."]
+        lines += [
+            "",
+            "Tasks in order: " + " -> ".join(names) + ". AA, BWT, forgetting, FWT on "
+            "exact match; final answer loss = mean teacher-forced answer loss (nats/token) over "
+            "all tasks after the last stage; loss BWT = mean growth of the answer loss on "
+            "earlier tasks by the end (positive = forgetting).",
+        ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return {"json": out / "summary.json", "markdown": out / "summary.md"}
