@@ -132,10 +132,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "strategy (full, subset, relevance, replay, combined) at the same token budget, and "
             "compare their stability gaps on both domains."
         ),
-        epilog="example:\n  rmoe continual cpt-demo --out runs/cpt-demo",
+        epilog="examples:\n  rmoe continual cpt-demo --out runs/cpt-demo\n"
+        "  rmoe continual cpt-demo --out runs/cpt-demo-s1 --base runs/cpt-demo/base --seed 1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("--out", required=True)
+    d.add_argument(
+        "--base", help="continue from this finished base run instead of pre-training OUT/base"
+    )
     d.add_argument("--pretrain-steps", type=int, default=600)
     d.add_argument("--steps", type=int, default=150, help="steps per continual arm (the budget)")
     d.add_argument("--lr", type=float, default=3e-3)
@@ -244,7 +248,9 @@ def _cpt_demo(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    paths = run_cpt_demo(args.out, settings, arms, progress=not args.no_progress, on_arm=report)
+    paths = run_cpt_demo(
+        args.out, settings, arms, progress=not args.no_progress, on_arm=report, base=args.base
+    )
     print(paths["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0

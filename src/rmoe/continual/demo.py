@@ -140,8 +140,14 @@ def run_cpt_demo(
     arms: Sequence[str] = CPT_ARMS,
     progress: bool = False,
     on_arm: Callable[[str, dict[str, Any]], None] | None = None,
+    base: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Run the demonstration (module docstring) and return the comparison's paths."""
+    """Run the demonstration (module docstring) and return the comparison's paths.
+
+    ``base``: an existing base run (trained with :data:`DEMO_BASE_CONFIG`'s model and data
+    settings) to continue from instead of ``<out_dir>/base`` -- e.g. to repeat the continual
+    arms with other seeds from the same starting model.
+    """
     from rmoe.training.checkpoint import latest_checkpoint
     from rmoe.training.config import from_dict
     from rmoe.training.trainer import train
@@ -153,9 +159,11 @@ def run_cpt_demo(
             f"unknown demo arm(s) {sorted(unknown)}; choose from {', '.join(CPT_ARMS)}"
         )
     out = Path(out_dir)
-    base_dir = out / "base"
+    base_dir = Path(base) if base is not None else out / "base"
     raw = copy.deepcopy(DEMO_BASE_CONFIG)
     raw["train"].update(max_steps=s.pretrain_steps, seed=s.seed, threads=s.threads)
+    if base is not None and not _finished(base_dir):
+        raise FileNotFoundError(f"--base {base_dir} is not a finished run (no config.json)")
     if not _finished(base_dir):
         log.info("pre-training the base model on python-stdlib (%d steps)", s.pretrain_steps)
         train(from_dict(raw), base_dir, progress=progress)
