@@ -207,3 +207,22 @@ def test_builtin_task_renamed(tmp_path):
     task = load_task("styles=builtin:naming#train=20,eval=5")
     assert task.name == "styles" and len(task.train) == 20
     assert task.train[0].prompt.startswith("styles: ") and "styles label:" in task.train[0].prompt
+
+
+def test_load_task_cl_benchmark_layout(tmp_path):
+    """The O-LoRA / MIGU CL_Benchmark layout: train.json / test.json lists, string labels."""
+    d = tmp_path / "CL_Benchmark" / "TC" / "agnews"
+    d.mkdir(parents=True)
+    rows = [
+        {"label": lb, "sentence": f"Title: t{i}\nText: body {i}"}
+        for i, lb in enumerate(["World", "Sports", "Business", "Science or Technology"] * 5)
+    ]
+    (d / "train.json").write_text(json.dumps(rows))
+    (d / "test.json").write_text(json.dumps(rows[:4]))
+    (d / "labels.json").write_text(
+        json.dumps(["World", "Sports", "Business", "Science or Technology"])
+    )
+    task = load_task(f"{d}#eval=4")
+    assert task.name == "agnews" and len(task.train) == 20 and len(task.eval) == 4
+    assert task.eval[0] == classification_example("agnews", rows[0]["sentence"], "World")
+    assert task.eval[0].prompt == "agnews: Title: t0 Text: body 0\nagnews label:"
