@@ -134,8 +134,10 @@ def test_gpu_spec_quick_smoke_on_cpu(tmp_path, capsys):
                 "--quick",
                 "--out",
                 str(out),
+                "--only",
+                "smoe-flops",
                 "--workers",
-                "3",
+                "1",
                 "--threads",
                 "1",
             ]
@@ -143,5 +145,8 @@ def test_gpu_spec_quick_smoke_on_cpu(tmp_path, capsys):
         == 0
     )
     results = json.loads((out / "results.json").read_text())
-    assert len(results["runs"]) == 6 and all(r["results"] for r in results["runs"])
+    # one arm (the FLOP-matched one, whose budget is computed from the RMoE reference) keeps CI
+    # fast; the whole quick spec runs with `rmoe experiment gpu-10min --quick`
+    done = {r["arm"] for r in results["runs"] if r.get("results")}
+    assert done == {"smoe-flops"}
     assert (out / "summary.md").is_file()
