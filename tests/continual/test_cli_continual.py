@@ -146,3 +146,18 @@ def test_train_cli_cpt_needs_init_from(micro_cfg, tmp_path, capsys):
     path.write_text(yaml.safe_dump(micro_cfg().to_dict()))
     assert main(["train", str(path), "--out", str(tmp_path / "o"), "--epochs", "2"]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+def test_cpt_keeps_the_starting_runs_bpe_tokenizer(micro_cfg, tmp_path):
+    from rmoe.continual.cpt import CPTOptions, prepare_continual_pretraining
+
+    cfg = micro_cfg(data=dict(tokenizer="bpe:300"), train=dict(max_steps=2))
+    path = tmp_path / "bpe.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    base = tmp_path / "base"
+    assert main(["train", str(path), "--out", str(base), "--no-progress"]) == 0
+    cfg.data.corpus = "pydoc-topics"
+    cfg, _ = prepare_continual_pretraining(
+        cfg, tmp_path / "cpt", base, CPTOptions(subset_tokens=2000, chunk_chars=400)
+    )
+    assert cfg.data.tokenizer == str(base.resolve())  # not a BPE retrained on the new corpus

@@ -423,16 +423,22 @@ def _take_until(order: Sequence[int], sizes: Sequence[int], budget: int) -> list
     return picked
 
 
+def _tokenizer_dir(init_from: str | Path) -> Path | None:
+    from rmoe.training import find_model_dir
+
+    for cand in (find_model_dir(init_from), Path(init_from)):
+        if (cand / "tokenizer.json").is_file():
+            return cand.resolve()
+    return None
+
+
 def _init_tokenizer(init_from: str | Path | None, spec: str):
     from rmoe.data import build_tokenizer
 
     if init_from is not None:
-        from rmoe.training import find_model_dir
-
-        model_dir = find_model_dir(init_from)
-        for cand in (model_dir, Path(init_from)):
-            if (cand / "tokenizer.json").is_file():
-                return build_tokenizer(str(cand))
+        directory = _tokenizer_dir(init_from)
+        if directory is not None:
+            return build_tokenizer(str(directory))
     if spec.startswith("bpe:"):
         raise ValueError(
             "continual pre-training with a bpe:N tokenizer needs --init-from a run that saved "
@@ -477,6 +483,10 @@ def prepare_continual_pretraining(
             "domain (e.g. pydoc-topics) when starting continual pre-training"
         )
     tokenizer = _init_tokenizer(init_from, cfg.data.tokenizer)
+    start_tokenizer = None if init_from is None else _tokenizer_dir(init_from)
+    if cfg.data.tokenizer.startswith("bpe:") and start_tokenizer is not None:
+        # the trainer would train a new BPE on the derived corpus: use the starting run's
+        cfg.data.tokenizer = str(start_tokenizer)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     old = options.old_corpus or _old_corpus(init_from) or options.replay
     key = {
