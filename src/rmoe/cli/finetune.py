@@ -203,12 +203,18 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "finetune.json").write_text(json.dumps(payload, indent=2) + "\n")
     ev = result.final_eval
-    gw = ""
+    notes = []
+    if cfg.method != "plain":
+        notes.append(f"{cfg.method} gradient masking")
+    if cfg.freeze_router:
+        notes.append("router frozen")
     if result.gw_tokens:
-        gw = f"; GW broadcast {sum(result.gw_tokens) / len(result.gw_tokens):.1f} tokens/step"
+        mean = sum(result.gw_tokens) / len(result.gw_tokens)
+        kind = "random tokens (control)" if cfg.gw_random else "uncertain tokens"
+        notes.append(f"GW broadcast {mean:.1f} {kind}/step")
     print(
-        f"after {result.steps} steps ({cfg.method}{', router frozen' if cfg.freeze_router else ''}"
-        f"{gw}): exact match {ev['exact_match']:.3f}, answer loss {ev['answer_loss']:.4f}"
+        f"after {result.steps} steps{' (' + '; '.join(notes) + ')' if notes else ''}: "
+        f"exact match {ev['exact_match']:.3f}, answer loss {ev['answer_loss']:.4f}"
     )
     print(f"model: {out}  metrics: {out / 'finetune.json'}")
     return 0
