@@ -10,12 +10,14 @@ from pathlib import Path
 EXAMPLE = """examples:
   # the built-in task sequence (naming -> literal -> statement -> topic), three methods
   rmoe continual run --model runs/cpt-demo/base --out runs/cl --methods plain,migu,random-mask
-  # your own tasks: prompt/answer jsonl, classification jsonl or Hugging Face datasets
-  rmoe continual run --model runs/base --out runs/cl-std --methods plain,migu,replay \\
+  # the standard CL benchmark (order 1) from the MIGU / O-LoRA CL_Benchmark directories
+  rmoe continual run --model runs/base --out runs/cl-std --methods plain,migu,random-mask,replay \\
+      --task dbpedia=CL_Benchmark/TC/dbpedia --task amazon=CL_Benchmark/TC/amazon \\
+      --task yahoo=CL_Benchmark/TC/yahoo --task agnews=CL_Benchmark/TC/agnews
+  # tasks from the Hugging Face Hub or local jsonl
+  rmoe continual run --model runs/base --out runs/cl-hf \\
       --task dbpedia=hf:fancyzhx/dbpedia_14#text=content,train=1000,eval=500 \\
-      --task amazon=hf:mteb/amazon_reviews_multi:en#train=1000,eval=500 \\
-      --task yahoo=hf:community-datasets/yahoo_answers_topics#text=question_title,label=topic \\
-      --task agnews=hf:fancyzhx/ag_news#train=1000,eval=500
+      --task agnews=hf:fancyzhx/ag_news#train=1000,eval=500 --task mine=data/mine.jsonl
   rmoe continual tasks --out data/cl-tasks          # write the built-in tasks as jsonl
   rmoe continual gap runs/cpt                       # stability-gap metrics + PNG of a run
   rmoe continual gap runs/cpt-full runs/cpt-subset --out runs/gap-compare

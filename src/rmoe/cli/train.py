@@ -16,11 +16,11 @@ EXAMPLE = """examples:
   rmoe train tiny --out runs/cpt --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics
 
 continual pre-training strategies (with --init-from; data.corpus is the new domain):
-  rmoe train tiny --out runs/cpt-sub --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \
+  rmoe train tiny --out runs/cpt-sub --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \\
       --subset-tokens 100000 --epochs 4
-  rmoe train tiny --out runs/cpt-rel --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \
+  rmoe train tiny --out runs/cpt-rel --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \\
       --select relevance --select-top 0.25 --select-reference builtin:docstrings --epochs 4
-  rmoe train tiny --out runs/cpt-mix --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \
+  rmoe train tiny --out runs/cpt-mix --init-from runs/tiny-rmoe --set data.corpus=pydoc-topics \\
       --replay python-stdlib --replay-ratio 0.25
 The chosen data is written to RUN/cpt_data (a text corpus; RUN/cpt_manifest.json says what is
 in it); the old domain is added to data.extra_eval; evaluation is log-spaced (dense at the start)
