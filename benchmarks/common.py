@@ -53,6 +53,13 @@ def base_parser(suite: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse and remember the arguments (recorded as the command in the results)."""
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
 def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """Apply threads/seed; resolve device and dtype ("auto" rules in `base_parser`)."""
     if args.threads:
@@ -140,26 +147,47 @@ def _proc_status_kb(field: str) -> int | None:
     return None
 
 
-def _release_free_heap() -> None:
-    gc.collect()
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _libc() -> ctypes.CDLL | None:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
-    """Peak bytes that one call of `fn` adds on top of what is already allocated.
+def _release_free_heap() -> bool:
+    """Make the resident size track live tensors: serve allocations >= 64 KiB by mmap (returned
+    to the OS on free) and trim the heap. glibc only; True if it applied. Call after timing:
+    it changes allocation costs for the rest of the process."""
+    gc.collect()
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    )
+    libc.malloc_trim(0)
+    return ok
+
+
+def peak_memory(
+    fn: Callable[[], Any], device: torch.device, prepare: Callable[[], Any] | None = None
+) -> tuple[int, str]:
+    """Peak bytes that one call of `fn` adds on top of what is allocated after `prepare()`.
 
     CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
     memory_allocated() before (tensors only, exact).
-    CPU (Linux): the process's resident-set high-water mark (VmHWM) is reset through
-    /proc/self/clear_refs, free heap is returned to the OS (malloc_trim), and the peak minus the
-    resident size before the call is reported (whole-process RSS, so approximate: allocator
-    caching and page granularity blur it by a few MB). Where clear_refs is not writable, the
-    ru_maxrss delta is used (only sees peaks above all earlier ones).
+    CPU (Linux, glibc): allocations >= 64 KiB are switched to mmap so freed tensors leave the
+    resident set, the resident-set high-water mark (VmHWM) is reset through
+    /proc/self/clear_refs, and VmHWM after the call minus VmRSS before it is reported (whole
+    process, page granularity: within ~1 MiB run to run). tracemalloc cannot see torch's
+    allocations. Fallback: the ru_maxrss delta (only sees peaks above all earlier ones).
     Returns (bytes, method).
     """
+    if prepare is not None:
+        prepare()
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -167,14 +195,15 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before, "cuda.max_memory_allocated"
-    _release_free_heap()
+    mmap = _release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before = _proc_status_kb("VmRSS")
         fn()
         peak = _proc_status_kb("VmHWM")
         if before is not None and peak is not None:
-            return max(0, peak - before) * 1024, "VmHWM reset via /proc/self/clear_refs"
+            how = "VmHWM - VmRSS (clear_refs reset" + (", mmap >= 64 KiB)" if mmap else ")")
+            return max(0, peak - before) * 1024, how
     except OSError:
         pass
     before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -255,8 +284,8 @@ def write_results(
     """Write `<out>/<suite>.json` (command, machine, settings, results) and `<out>/<suite>.md`."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks." + suite + " " + " ".join(sys.argv[1:])
-    payload = {"suite": suite, "command": command.strip(), **payload}
+    command = " ".join(["python -m benchmarks." + suite, *getattr(args, "argv", sys.argv[1:])])
+    payload = {"suite": suite, "command": command, "invoked_as": " ".join(sys.argv), **payload}
     payload["machine"]["load_average_1m_end"] = _load()
     path = out / f"{suite}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")

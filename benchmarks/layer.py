@@ -26,6 +26,7 @@ from benchmarks.common import (
     interleaved,
     machine,
     md_table,
+    parse_args,
     ratio_stats,
     setup,
     summarize,
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = base_parser("layer", __doc__.splitlines()[0])
     add_shape_arg(p)
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 if __name__ == "__main__":

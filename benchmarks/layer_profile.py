@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import base_parser, machine, md_table, setup, write_results
+from benchmarks.common import base_parser, machine, md_table, parse_args, setup, write_results
 from benchmarks.layer import (
     Shape,
     _BackendView,
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     """Profile each implementation on one shape; write layer_profile.json / .md."""
     p = base_parser("layer_profile", __doc__.splitlines()[0])
     add_shape_arg(p)
-    args: argparse.Namespace = p.parse_args(argv)
+    args: argparse.Namespace = parse_args(p, argv)
     device, dtype = setup(args)
     if args.shape:
         shape = Shape(*(int(v) for v in args.shape[0].split(",")))

@@ -6,9 +6,11 @@ loss; Mixtral with output_router_logits=True so it computes its aux loss too), b
 AdamW step. RMoE (recurrent router, GRU cell) is measured for several router state widths P
 and its overhead reported as step time / SMoE step time (paired per round).
 
-Peak memory is what one step adds on top of the resident model + optimizer state (see
+Peak memory is what one step adds on top of the resident model + AdamW state, gradients freed
+first (so it counts gradients, activations and temporaries); see
 `benchmarks.common.peak_memory`: CUDA max_memory_allocated, CPU the resident-set high-water mark
-reset through /proc/self/clear_refs; tracemalloc cannot see torch's allocations).
+reset through /proc/self/clear_refs with large allocations mmap-backed (tracemalloc cannot see
+torch's allocations).
 
     python -m benchmarks.step            # CPU: D=512, 4 layers, batch 4 x seq 128, float32
     python -m benchmarks.step --quick    # smoke run
@@ -28,6 +30,7 @@ from benchmarks.common import (
     interleaved,
     machine,
     md_table,
+    parse_args,
     peak_memory,
     ratio_stats,
     setup,
@@ -125,6 +128,7 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor):
         out.loss.backward()
         opt.step()
 
+    step.optimizer = opt  # type: ignore[attr-defined]
     return step
 
 
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     over = {k: getattr(args, k) for k in ("batch", "seq", "width", "layers") if getattr(args, k)}
     s = StepShape(**{**asdict(base), **over})
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    repeats = args.repeats or (2 if args.quick else (10 if device.type == "cuda" else 5))
+    repeats = args.repeats or (2 if args.quick else 10)
     info = machine(device)
 
     from rmoe.modeling.accounting import count_config
@@ -147,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = {n: make_step(m, ids) for n, m in models.items()}
     times = interleaved(steps, device, warmup, repeats)
     memory, mem_method = {}, None
-    for n, fn in steps.items():
-        memory[n], mem_method = peak_memory(fn, device)
+    for n, fn in steps.items():  # after timing: the CPU method changes allocation costs
+        free_grads = lambda fn=fn: fn.optimizer.zero_grad(set_to_none=True)  # noqa: E731
+        memory[n], mem_method = peak_memory(fn, device, prepare=free_grads)
 
     tokens = s.batch * s.seq
     smoe = times["rmoe SMoE"]
@@ -214,7 +219,7 @@ def markdown(rows: list[dict[str, Any]], s: StepShape, dtype: torch.dtype, mem: 
                 r["variant"],
                 fmt_ms(r),
                 f"{r['tokens_per_s']:,.0f}",
-                f"{r['peak_step_memory_bytes'] / 2**20:.0f}",
+                f"{r['peak_step_memory_bytes'] / 2**20:.1f}",
                 f"{r['params'] / 1e6:.2f}",
                 f"{t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f})",
                 f"{share:.1%}" if share is not None else "",
@@ -235,7 +240,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
-    return p.parse_args(argv)
+    return parse_args(p, argv)
 
 
 if __name__ == "__main__":
