@@ -70,7 +70,10 @@ class RMoEConfig(PretrainedConfig):
         mlp_only_layers (list[int], []): indices of layers that use a dense FFN instead of MoE.
             They pass the router state on unchanged.
         experts_backend (str, "auto"): dispatch implementation: "loop" (reference), "sorted",
-            "grouped_mm", or "auto" (fastest correct one for the device/dtype/torch version).
+            "grouped_mm", or "auto": grouped_mm where the torch version/device/dtype support it
+            (CUDA bf16 sm80+, CPU with torch >= 2.9), except on CPU when there are fewer
+            token-expert assignments than experts (sorted); sorted everywhere else. See
+            `rmoe.modeling.experts.auto_backend` and benchmarks/RESULTS.md.
 
     Routing
         router_type (str, "recurrent"): one of "linear" (SMoE: W x), "mlp" (2-layer GELU MLP),
