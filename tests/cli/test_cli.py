@@ -24,7 +24,21 @@ def test_train_eval_generate_info(run_dir, capsys, tmp_path):
     res = json.loads(capsys.readouterr().out)
     assert res["bpb"] > 0 and res["ppl"] > 1
     sample = tmp_path / "s.txt"
-    assert main(["generate", str(run_dir), "--prompt", "The ", "--max-new-tokens", "10", "--out", str(sample)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--prompt",
+                "The ",
+                "--max-new-tokens",
+                "10",
+                "--out",
+                str(sample),
+            ]
+        )
+        == 0
+    )
     assert sample.read_text().startswith("The ")
     capsys.readouterr()
     assert main(["info", str(run_dir), "--json"]) == 0
@@ -50,13 +64,28 @@ def test_every_subcommand_has_help_with_example(capsys):
 @pytest.mark.parametrize(
     "argv,needle",
     [
-        (["train", "tiny", "--out", "X", "--set", "model.router_typ=linear"], "nearest: 'model.router_type'"),
-        (["train", "tiny", "--out", "X", "--set", "model.router_type=recurent"], "nearest: 'recurrent'"),
-        (["train", "tiny", "--out", "X", "--set", "model.num_experts_per_tok=20"], "num_experts_per_tok"),
+        (
+            ["train", "tiny", "--out", "X", "--set", "model.router_typ=linear"],
+            "nearest: 'model.router_type'",
+        ),
+        (
+            ["train", "tiny", "--out", "X", "--set", "model.router_type=recurent"],
+            "nearest: 'recurrent'",
+        ),
+        (
+            ["train", "tiny", "--out", "X", "--set", "model.num_experts_per_tok=20"],
+            "num_experts_per_tok",
+        ),
         (["train", "tiny", "--out", "X", "--set", "optim.lr=-1"], "optim.lr must be > 0"),
-        (["train", "tiny", "--out", "X", "--set", "data.corpus=text:/nonexistent/x"], "/nonexistent/x"),
+        (
+            ["train", "tiny", "--out", "X", "--set", "data.corpus=text:/nonexistent/x"],
+            "/nonexistent/x",
+        ),
         (["train", "tinyy", "--out", "X"], "nearest: 'tiny'"),
-        (["train", "tiny", "--out", "X", "--set", "train.max_stepz=3"], "nearest: 'train.max_steps'"),
+        (
+            ["train", "tiny", "--out", "X", "--set", "train.max_stepz=3"],
+            "nearest: 'train.max_steps'",
+        ),
         (["eval", "/nonexistent/run"], "does not exist"),
     ],
 )

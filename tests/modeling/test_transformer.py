@@ -119,7 +119,12 @@ def test_initialisation_is_documented_scale():
 
 def test_seeded_init_shares_non_router_weights_across_routers():
     models = {}
-    for rt, extra in [("linear", {}), ("recurrent", {}), ("xmoe", {}), ("recurrent", {"router_dim": 16})]:
+    for rt, extra in [
+        ("linear", {}),
+        ("recurrent", {}),
+        ("xmoe", {}),
+        ("recurrent", {"router_dim": 16}),
+    ]:
         m = RMoEForCausalLM(tiny_config(router_type=rt, **extra))
         m.init_weights_seeded(123)
         models[(rt, tuple(extra.items()))] = m

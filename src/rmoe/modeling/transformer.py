@@ -307,7 +307,9 @@ class RMoEPreTrainedModel(PreTrainedModel):
             is_router = ".router." in f".{name}." or name.endswith("router_cell")
             device_ok = all(p.device.type == "cpu" for p in module.parameters(recurse=False))
             if not device_ok:
-                raise ValueError("init_weights_seeded must run before the model is moved to a device")
+                raise ValueError(
+                    "init_weights_seeded must run before the model is moved to a device"
+                )
             self._init_module(module, nn.init, g_router if is_router else g_main)
         if self.config.tie_word_embeddings and hasattr(self, "tie_weights"):
             self.tie_weights()
