@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the subcommand, turn library errors into one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:  # transformers' per-file save/load progress bars drown rmoe's own progress output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1

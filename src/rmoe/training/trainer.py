@@ -338,8 +338,13 @@ def train(
 
     # --- data and tokenizer
     corpus = get_corpus(cfg.data.corpus, text_field=cfg.data.text_field)
+    init_dir = find_model_dir(init_from) if init_from is not None else None
     if ckpt is not None:
         tokenizer = build_tokenizer(str(ckpt))
+    elif init_dir is not None and (init_dir / "tokenizer.json").is_file():
+        # continue with the starting model's own tokenizer: a new one (e.g. bpe:N retrained on
+        # the new corpus) would silently remap the token ids the weights were trained on
+        tokenizer = build_tokenizer(str(init_dir))
     elif cfg.data.tokenizer.startswith("bpe:"):
         tokenizer = build_tokenizer(cfg.data.tokenizer, train_texts=corpus.documents("train"))
     else:
@@ -377,9 +382,8 @@ def train(
     model = RMoEForCausalLM(cfg.model_config(**model_kw))
     # router weights from their own stream: arms differing only in the router share the rest
     model.init_weights_seeded(cfg.train.seed)
-    if init_from is not None:
-        src = find_model_dir(init_from)
-        _load_weights(model, src)
+    if init_dir is not None:
+        _load_weights(model, init_dir)
     model.to(device)
 
     world, accum = di.world_size, cfg.data.grad_accum
