@@ -304,3 +304,39 @@ def write_results(
 def fmt_ms(s: dict[str, float]) -> str:
     """'median [q1-q3]' in milliseconds."""
     return f"{s['median_s'] * 1e3:.1f} [{s['q1_s'] * 1e3:.1f}–{s['q3_s'] * 1e3:.1f}]"
+
+
+def run_shape_suite(
+    suite: str,
+    description: str,
+    argv: list[str] | None,
+    pick_shapes: Callable[[argparse.Namespace, torch.device], list[Any]],
+    bench_shape: Callable[..., dict[str, Any]],
+    markdown: Callable[[list[dict[str, Any]], torch.dtype], str],
+    add_shape_arg: Callable[[argparse.ArgumentParser], None],
+) -> int:
+    """The driver shared by the per-shape suites (layer, flops): parse arguments, measure every
+    shape with `bench_shape(shape, device, dtype, warmup, repeats)`, write <suite>.json/.md."""
+    p = base_parser(suite, description)
+    add_shape_arg(p)
+    args = parse_args(p, argv)
+    device, dtype = setup(args)
+    shapes = pick_shapes(args, device)
+    warmup = args.warmup if args.warmup is not None else 1
+    repeats = args.repeats or (2 if args.quick else (20 if device.type == "cuda" else 5))
+    info = machine(device)
+    results = [bench_shape(s, device, dtype, warmup, repeats) for s in shapes]
+    payload = {
+        "machine": info,
+        "settings": {
+            "dtype": str(dtype),
+            "warmup": warmup,
+            "repeats": repeats,
+            "quick": args.quick,
+        },
+        "results": results,
+    }
+    path = write_results(suite, args, payload, markdown(results, dtype))
+    print(f"{suite}: wrote {path}")
+    print(path.with_suffix(".md").read_text())
+    return 0

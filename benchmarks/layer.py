@@ -21,16 +21,12 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    base_parser,
     fmt_ms,
     interleaved,
-    machine,
     md_table,
-    parse_args,
     ratio_stats,
-    setup,
+    run_shape_suite,
     summarize,
-    write_results,
 )
 
 
@@ -261,33 +257,15 @@ def markdown(results: list[dict[str, Any]], dtype: torch.dtype) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; write layer.json / layer.md under --out."""
-    args = parse(argv)
-    device, dtype = setup(args)
-    shapes = pick_shapes(args, device)
-    warmup = args.warmup if args.warmup is not None else 1
-    repeats = args.repeats or (2 if args.quick else (20 if device.type == "cuda" else 5))
-    info = machine(device)
-    results = [bench_shape(s, device, dtype, warmup, repeats) for s in shapes]
-    payload = {
-        "machine": info,
-        "settings": {
-            "dtype": str(dtype),
-            "warmup": warmup,
-            "repeats": repeats,
-            "quick": args.quick,
-        },
-        "results": results,
-    }
-    path = write_results("layer", args, payload, markdown(results, dtype))
-    print(f"layer: wrote {path}")
-    print((path.with_suffix(".md")).read_text())
-    return 0
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = base_parser("layer", __doc__.splitlines()[0])
-    add_shape_arg(p)
-    return parse_args(p, argv)
+    return run_shape_suite(
+        "layer",
+        __doc__.splitlines()[0],
+        argv,
+        pick_shapes,
+        bench_shape,
+        markdown,
+        add_shape_arg,
+    )
 
 
 if __name__ == "__main__":
