@@ -441,3 +441,112 @@ def test_errors_name_the_problem() -> None:
     migu.set_token_mask(torch.ones(3, 3))
     with pytest.raises(ValueError, match="token mask has 9 tokens"):
         model(torch.randn(2, 3, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# rmoe models: the experts' built-in probes
+# ----------------------------------------------------------------------------------------------
+def _rmoe_model(backend: str, **overrides):
+    from rmoe import RMoEConfig, RMoEForCausalLM
+
+    torch.manual_seed(0)
+    cfg = RMoEConfig(
+        vocab_size=50,
+        hidden_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        moe_intermediate_size=10,
+        num_experts=4,
+        num_experts_per_tok=2,
+        router_type="recurrent",
+        router_dim=6,
+        experts_backend=backend,
+        **overrides,
+    )
+    return RMoEForCausalLM(cfg)
+
+
+def _expert_oracle(model, ids, mask) -> tuple[dict[str, torch.Tensor], int]:
+    """Per-expert mean L1-normalised |output| of every expert weight, recomputed from the
+    (x, idx, token_index) each Experts call received; padding excluded by the token mask.
+    Also returns the number of Experts calls that had a token_index (GW-MoE broadcasts)."""
+    from rmoe.modeling.experts import Experts, swiglu_parts
+
+    calls: dict[str, list] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, Experts):
+
+            def hook(m, args, kwargs, out, name=name):
+                x, idx = args[0], args[1]
+                calls.setdefault(name, []).append((x.detach(), idx, kwargs.get("token_index")))
+
+            handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+    model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    flat_mask = mask.reshape(-1).float()
+    expected = {}
+    with torch.no_grad():
+        for name, recs in calls.items():
+            mod = model.get_submodule(name)
+            f, d = mod.gate_proj.shape[1], mod.down_proj.shape[1]
+            acc = {"g": torch.zeros(4, f), "u": torch.zeros(4, f), "d": torch.zeros(4, d)}
+            count = torch.zeros(4)
+            for x, idx, token_index in recs:
+                rows = torch.arange(len(x)) if token_index is None else token_index
+                for r in range(len(x)):
+                    wgt = flat_mask[rows[r]]
+                    for e in idx[r].tolist():
+                        parts = swiglu_parts(
+                            x[r : r + 1], mod.gate_proj[e], mod.up_proj[e], mod.down_proj[e]
+                        )
+                        for key, h in zip("gud", parts):
+                            a = h[0].abs()
+                            acc[key][e] += wgt * a / a.sum()
+                        count[e] += wgt
+            for key, attr in zip("gud", ("gate_proj", "up_proj", "down_proj")):
+                expected[f"{name}.{attr}"] = acc[key] / count.clamp_min(1).unsqueeze(1)
+    broadcasts = sum(r[2] is not None for recs in calls.values() for r in recs)
+    return expected, broadcasts
+
+
+@pytest.mark.parametrize("backend", ["loop", "sorted", "grouped_mm"])
+@pytest.mark.parametrize("gw", [False, True])
+def test_rmoe_expert_magnitudes_match_recomputation(backend: str, gw: bool) -> None:
+    model = _rmoe_model(backend, **({"gw_entropy_threshold": 0.5} if gw else {}))
+    model.train()
+    migu = MIGU(model, ratio=0.7)
+    expert_names = [n for n in migu.covered if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+    expert_names = [n for n in expert_names if ".experts." in n]
+    assert len(expert_names) == 2 * 3
+    ids = torch.randint(0, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    mask[2, 7:] = 0
+    migu.set_token_mask(mask)
+    expected, broadcasts = _expert_oracle(model, ids, mask)  # one forward feeds MIGU too
+    got = migu.magnitudes()
+    for name in expert_names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    # GW-MoE's broadcast call ran (and its rows were weighted by their own token's mask)
+    assert (broadcasts > 0) == gw
+
+
+def test_rmoe_one_step_changes_only_kept_expert_rows() -> None:
+    model = _rmoe_model("auto")
+    migu = MIGU(model, ratio=0.7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = _snapshot(model)
+    ids = torch.randint(0, 50, (4, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    masks = migu.apply_()
+    opt.step()
+    experts = [n for n in masks if ".experts." in n]
+    assert len(experts) == 6
+    for name in experts:
+        keep = masks[name]
+        assert keep.shape == (4, model.get_parameter(name).shape[1])
+        changed = _changed_rows(model.get_parameter(name).detach(), before[name], out_dim=1)
+        assert not changed[~keep].any(), name
+        assert changed.any(), name

@@ -183,3 +183,77 @@ def test_bench_cli_runs_a_suite(tmp_path, capsys, keep_threads) -> None:
     assert (tmp_path / "flops.json").is_file()
     assert main(["bench", "flops", "--bench-dir", str(tmp_path / "missing")]) == 2
     assert "benchmarks/ folder not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# probes: every backend shows a hook the real rows of each weight's outputs
+# ----------------------------------------------------------------------------------------------
+def _capture_probes(m: Experts) -> tuple[dict[str, list], list]:
+    seen: dict[str, list] = {"gate_proj": [], "up_proj": [], "down_proj": []}
+    handles = []
+    for probe in (m.gate_probe, m.up_probe, m.down_probe):
+
+        def hook(mod, args, out, kind=probe.migu_param):
+            h, ids, tok = args
+            assert out is h  # identity
+            seen[kind].append((h.detach().clone(), ids.clone(), tok.clone()))
+
+        handles.append(probe.register_forward_hook(hook))
+    return seen, handles
+
+
+@pytest.mark.parametrize("backend", sorted(DISPATCH_BACKENDS))
+def test_probes_report_each_weights_outputs_on_real_rows(backend: str) -> None:
+    # d=6, f=10 are not 16-byte aligned in fp32: grouped_mm pads, the probes must not see it
+    torch.manual_seed(3)
+    e, d, f, n, k = 5, 6, 10, 13, 2
+    m = _experts(e, d, f, torch.float32)
+    x, w = torch.randn(n, d), torch.rand(n, k)
+    idx = torch.randn(n, e).topk(k, dim=-1).indices
+    plain = m(x, idx, w, backend=backend)
+    seen, handles = _capture_probes(m)
+    y = m(x, idx, w, backend=backend)
+    torch.testing.assert_close(y, plain, rtol=0, atol=0)
+    pairs = sorted((t, int(idx[t, j])) for t in range(n) for j in range(k))
+    with torch.no_grad():
+        oracle = {
+            "gate_proj": lambda t, ex_: x[t] @ m.gate_proj[ex_].T,
+            "up_proj": lambda t, ex_: x[t] @ m.up_proj[ex_].T,
+            "down_proj": lambda t, ex_: m.expert_forward(x[t : t + 1], ex_)[0],
+        }
+        for kind, calls in seen.items():
+            h = torch.cat([c[0] for c in calls])
+            ids = torch.cat([c[1] for c in calls]).tolist()
+            tok = torch.cat([c[2] for c in calls]).tolist()
+            assert h.shape == (n * k, d if kind == "down_proj" else f), kind
+            assert sorted(zip(tok, ids)) == pairs, kind
+            for row, (t, ex_) in enumerate(zip(tok, ids)):
+                torch.testing.assert_close(h[row], oracle[kind](t, ex_), rtol=1e-5, atol=1e-5)
+    for hd in handles:
+        hd.remove()
+
+
+def test_probes_are_not_called_without_hooks_and_map_token_index() -> None:
+    m = _experts(4, 8, 8, torch.float32)
+    x, w = torch.randn(6, 8), torch.rand(6, 2)
+    idx = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2], [1, 3]])
+
+    def boom(*args, **kwargs):
+        raise AssertionError("probe called without a hook")
+
+    for probe in (m.gate_probe, m.up_probe, m.down_probe):
+        probe.forward = boom
+    for backend in DISPATCH_BACKENDS:
+        m(x, idx, w, backend=backend)
+    del m.gate_probe.forward, m.up_probe.forward, m.down_probe.forward
+
+    seen, handles = _capture_probes(m)
+    global_rows = torch.tensor([10, 3, 7, 0, 12, 5])  # x is a subset of a larger batch
+    m(x, idx, w, backend="sorted", token_index=global_rows)
+    tok = torch.cat([c[2] for c in seen["gate_proj"]])
+    assert sorted(tok.tolist()) == sorted(global_rows.repeat_interleave(2).tolist())
+    for hd in handles:
+        hd.remove()
+    assert not m.gate_probe.hooked
+    assert not any(n for n, _ in m.named_parameters() if "probe" in n)
+    assert set(m.state_dict()) == {"gate_proj", "up_proj", "down_proj"}

@@ -3,7 +3,8 @@ continual-learning and stability-gap metrics.
 
 - :class:`MIGU` masks gradient rows (output units) of linear layers and of 3-D expert weights by
   the magnitude of their outputs (Du et al., arXiv 2406.17245); :class:`RandomMask` is the
-  same-ratio random-row control; :func:`cover_experts` adds rmoe's ``Experts`` weights.
+  same-ratio random-row control. Both cover rmoe's ``Experts`` weights through the probes the
+  experts call from their dispatch (:class:`ExpertOutputProbe`).
 - :mod:`rmoe.continual.metrics` computes AA / BWT / forgetting from an accuracy matrix and
   stability-gap statistics from an evaluation curve, and writes JSON / markdown / PNG reports.
 - :mod:`rmoe.continual.tasks` loads tasks (prompt/answer or classification jsonl, ``hf:``) and
@@ -29,7 +30,7 @@ from rmoe.continual.metrics import (
     stability_gap,
     write_accuracy_matrix,
 )
-from rmoe.continual.migu import MIGU, ExpertOutputProbe, RandomMask, cover_experts, num_kept_rows
+from rmoe.continual.migu import MIGU, ExpertOutputProbe, RandomMask, num_kept_rows
 
 __all__ = [
     "MIGU",
@@ -41,7 +42,6 @@ __all__ = [
     "average_accuracy",
     "backward_transfer",
     "continual_metrics",
-    "cover_experts",
     "forgetting",
     "forward_transfer",
     "num_kept_rows",

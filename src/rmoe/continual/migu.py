@@ -88,8 +88,11 @@ which the parent calls in its forward as ``h = probe(h, expert_ids, token_index)
 - ``token_index``: ``[n]`` long in ``[0, B*T)`` or ``None`` -- the flattened token of each row,
   used only to look up the token mask (without it, every row counts).
 
-The probe returns ``h`` unchanged; :class:`ExpertOutputProbe` is a reference implementation.
-MIGU hooks every probe it finds and masks, per expert ``e``, the rows ``W[e, i, :]``
+The probe returns ``h`` unchanged; :class:`ExpertOutputProbe` (defined in
+``rmoe.modeling.experts``) is the reference implementation. rmoe's ``Experts`` owns three
+(``gate_probe``, ``up_probe``, ``down_probe``) and calls them from every dispatch backend on the
+rows it actually computed, so MIGU covers rmoe's expert weights with no extra work: the statistic
+costs an ``abs``, a row sum and an ``index_add_`` per weight, not a recomputation. MIGU hooks every probe it finds and masks, per expert ``e``, the rows ``W[e, i, :]``
 (``out_dim=1``) or the columns ``W[e, :, i]`` (``out_dim=2``) of output units ``i`` whose average
 magnitude over the tokens routed to ``e`` is below expert ``e``'s quantile. For modules that cannot
 be edited, :meth:`MIGU.register_expert_weight` registers a Parameter with a ``capture_fn`` that
@@ -100,8 +103,17 @@ Caveats: forwards run with gradients disabled (``torch.no_grad``, ``inference_mo
 accumulated, so evaluation does not pollute the statistic; activation checkpointing re-runs the
 forward with gradients enabled, which counts those tokens twice (the masks change only through
 the token weighting). ``nn.MultiheadAttention.out_proj`` is an ``nn.Linear`` that MHA never calls
-as a module, so it gets no statistic and is left unmasked. Data-parallel training needs the
-accumulators all-reduced before :meth:`MIGU.apply_`; that is not done here.
+as a module, so it gets no statistic and is left unmasked.
+
+Data parallelism (DDP). Each process sees only its shard of the batch, so without care every
+process would mask different rows of the same (all-reduced) gradient and the replicas would
+drift apart. When ``torch.distributed`` is initialised with more than one process,
+:meth:`MIGU.apply_` first sums the accumulators (magnitudes, token counts, and whether a layer
+ran) over the processes (``sync=True``, the default; one ``all_reduce`` of one flat tensor), so
+every process keeps the same rows, the ones a single process would keep on the global batch.
+Every process must call :meth:`MIGU.apply_` at the same step, as it does in a DDP loop.
+:class:`RandomMask` needs no communication: seeded alike, every process draws the same rows.
+FSDP-sharded gradients (DTensor) are not supported.
 """
 
 from __future__ import annotations
@@ -113,11 +125,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["MIGU", "ExpertOutputProbe", "RandomMask", "cover_experts", "num_kept_rows"]
+from rmoe.modeling.experts import ExpertOutputProbe
+
+__all__ = ["MIGU", "ExpertOutputProbe", "RandomMask", "num_kept_rows"]
 
 TargetSpec = Callable[[str, nn.Module], bool] | Sequence[str] | str | None
 """Which layers to cover: a predicate ``(name, module) -> bool``, glob pattern(s) on the name, or
@@ -187,39 +200,6 @@ class _Target:
             self.acc.zero_()
             self.count.zero_()
         self.seen = False
-
-
-class ExpertOutputProbe(nn.Module):
-    """Identity module that shows MIGU the per-expert outputs of a 3-D expert weight.
-
-    Put one in the experts module next to the weight it describes and call it on that weight's
-    outputs; it returns its input unchanged and costs nothing unless a forward hook is attached.
-
-    Args:
-        param_name: attribute name, on the module that owns this probe, of the expert weight
-            (``[E, F_out, D_in]`` or ``[E, D_in, F_out]``).
-        out_dim: 1 if the weight is ``[E, F_out, D_in]``, 2 if it is ``[E, D_in, F_out]``.
-        bias_name: optional attribute name of an ``[E, F_out]`` bias on the same module.
-    """
-
-    def __init__(self, param_name: str, out_dim: int, bias_name: str | None = None) -> None:
-        super().__init__()
-        if out_dim not in (1, 2):
-            raise ValueError(
-                f"out_dim must be 1 ([E, F_out, D_in]) or 2 ([E, D_in, F_out]), got {out_dim}"
-            )
-        self.migu_param = param_name
-        self.migu_out_dim = out_dim
-        self.migu_bias = bias_name
-
-    def forward(
-        self, h: Tensor, expert_ids: Tensor | None = None, token_index: Tensor | None = None
-    ) -> Tensor:
-        """Return ``h`` (``[n, F_out]`` with ``expert_ids [n]``, or ``[E, C, F_out]``)."""
-        return h
-
-    def extra_repr(self) -> str:
-        return f"param={self.migu_param!r}, out_dim={self.migu_out_dim}"
 
 
 def _abs_f32(x: Tensor) -> Tensor:
@@ -549,6 +529,9 @@ class _RowMasker:
         acc.index_add_(0, ids, a if weights is None else a * weights.unsqueeze(1))
         count.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32) if tok is None else tok)
 
+    def _sync_stats(self) -> None:
+        """Combine the statistics of data-parallel processes before masking (MIGU overrides)."""
+
     # ------------------------------------------------------------------ masking
     def _keep_mask(self, target: _Target) -> Tensor | None:
         """Bool ``mask_shape()`` tensor of rows to keep, or ``None`` to leave the weight alone."""
@@ -575,6 +558,7 @@ class _RowMasker:
         masks: dict[str, Tensor] = {}
         self._snapshot = []
         if self.enabled:
+            self._sync_stats()
             for target in self._targets.values():
                 grad = target.weight.grad
                 if grad is None:
@@ -653,6 +637,10 @@ class MIGU(_RowMasker):
         freeze_masked_rows: keep masked rows bit-exactly still through weight decay and
             momentum (snapshot in :meth:`apply_`, write-back in :meth:`restore_`).
         optimizer: optimizer whose ``step`` triggers :meth:`restore_` (with freezing).
+        sync: under ``torch.distributed`` with more than one process, sum the statistics over
+            the processes in :meth:`apply_` so that every process masks the same rows (see the
+            module docstring); a no-op in a single process.
+        process_group: the group to sum over (default: the whole world).
     """
 
     def __init__(
@@ -667,7 +655,11 @@ class MIGU(_RowMasker):
         skip_frozen: bool = True,
         freeze_masked_rows: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
+        sync: bool = True,
+        process_group: object | None = None,
     ) -> None:
+        self.sync = bool(sync)
+        self._process_group = process_group
         if norm not in _NORMS:
             raise ValueError(
                 f"norm must be one of {_NORMS} ('l1': paper, per-token L1-normalised; "
@@ -688,6 +680,40 @@ class MIGU(_RowMasker):
     @property
     def norm(self) -> str:
         return self._norm
+
+    @torch.no_grad()
+    def _sync_stats(self) -> None:
+        """Sum every target's accumulator, token count and seen flag over the processes.
+
+        One ``all_reduce`` of one flat float32 tensor on the first covered weight's device. Every
+        process holds the same targets in the same order (same model), so the layout matches.
+        """
+        if not self.sync:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size(self._process_group) < 2:
+            return
+        targets = list(self._targets.values())
+        device = targets[0].weight.device
+        parts: list[Tensor] = []
+        seen = [t.seen for t in targets]
+        for t in targets:
+            acc, count = self._buffers(t, t.acc.device if t.acc is not None else device)
+            parts += [acc.reshape(-1).to(device), count.reshape(-1).to(device)]
+        parts.append(torch.tensor(seen, dtype=torch.float32, device=device))
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._process_group)
+        offset = 0
+        for t in targets:
+            for buf in (t.acc, t.count):
+                n = buf.numel()
+                buf.copy_(flat[offset : offset + n].view_as(buf))
+                offset += n
+        for t, any_seen in zip(targets, flat[offset:].tolist(), strict=True):
+            t.seen = any_seen > 0
 
     def _keep_mask(self, target: _Target) -> Tensor | None:
         if not target.seen or target.acc is None:
@@ -734,78 +760,3 @@ class RandomMask(_RowMasker):
     def _keep_mask(self, target: _Target) -> Tensor:
         scores = torch.rand(target.mask_shape(), generator=self._generator)
         return self._topk_mask(scores)
-
-
-def cover_experts(masker: _RowMasker, model: nn.Module) -> list[str]:
-    """Cover the 3-D weights of every rmoe ``Experts`` module that has no probe.
-
-    rmoe's ``Experts`` (``gate_proj``/``up_proj`` ``[E, F, D]``, ``down_proj`` ``[E, D, F]``, all
-    with output units on dim 1) does not call an :class:`ExpertOutputProbe`, so this installs one
-    forward hook per module that recomputes, for each dispatched (token, expert) pair, the outputs
-    of the three weights (``x W_gate^T``, ``x W_up^T``, ``(silu(g) * u) W_down^T``) and feeds
-    them to ``masker``. The recomputation costs about one extra expert forward per step for
-    MIGU (nothing for :class:`RandomMask`, which needs no statistics). Weights already covered
-    (a probe was found) are skipped.
-
-    The hooked call is ``experts(x [n, D], idx [n, K], weight [n, K])``; token indices are passed
-    (so padding is excluded) when ``n`` equals the current token mask's size, i.e. for the
-    regular dispatch; GW-MoE's extra call on the broadcast tokens counts all of its rows.
-
-    Returns:
-        The parameter names newly covered.
-    """
-    from rmoe.modeling.experts import Experts
-
-    added: list[str] = []
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, Experts):
-            continue
-        records: dict[str, Callable[..., None]] = {}
-        for attr in ("gate_proj", "up_proj", "down_proj"):
-            pname = f"{mod_name}.{attr}" if mod_name else attr
-            param = getattr(module, attr)
-            if pname in masker.covered or not masker._keep(pname, module, param):
-                continue
-            records[attr] = masker.register_expert_weight(param, out_dim=1, name=pname)
-            added.append(pname)
-        if not records or not masker._needs_stats:
-            continue
-
-        def hook(
-            mod: nn.Module,
-            args: tuple,
-            kwargs: dict,
-            output: Tensor,
-            records: dict[str, Callable[..., None]] = records,
-        ) -> None:
-            if not (masker.enabled and torch.is_grad_enabled()):
-                return
-            bound = dict(zip(("x", "idx", "weight"), args)) | kwargs
-            x, idx = bound["x"], bound["idx"]
-            with torch.no_grad():
-                n, k = idx.shape
-                eid = idx.reshape(-1)
-                order = torch.argsort(eid, stable=True)
-                eid = eid[order]
-                tok = torch.arange(n, device=x.device).repeat_interleave(k)[order]
-                counts = torch.bincount(eid, minlength=mod.num_experts).tolist()
-                outs: dict[str, list[Tensor]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
-                start = 0
-                for e, c in enumerate(counts):
-                    if c == 0:
-                        continue
-                    xe = x[tok[start : start + c]]
-                    g = F.linear(xe, mod.gate_proj[e])
-                    u = F.linear(xe, mod.up_proj[e])
-                    outs["gate_proj"].append(g)
-                    outs["up_proj"].append(u)
-                    if "down_proj" in records:
-                        outs["down_proj"].append(F.linear(F.silu(g) * u, mod.down_proj[e]))
-                    start += c
-                token_index = tok if masker.token_mask_numel == n else None
-            # outside no_grad: record() only accumulates while gradients are enabled
-            for attr, record in records.items():
-                record(torch.cat(outs[attr]), eid, token_index)
-
-        masker._handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    return added

@@ -18,6 +18,13 @@ registered by name in `DISPATCH_BACKENDS`. Every backend is dropless.
                 per projection with int32 offsets computed on the device: no host sync. Inner
                 sizes are zero-padded where the kernel needs 16-byte aligned strides.
 
+Probes. A backend also takes `probe=None`, a callable `probe(kind, h, expert_ids, token)` with
+kind in {"gate_proj", "up_proj", "down_proj"}, h [S, F_out] that weight's outputs for the S
+dispatched rows (before any activation), expert_ids [S] and token [S] (the row of x). When given,
+every backend calls it once per weight (the loop backend once per weight and expert) on the real
+rows only: no padding rows or columns. `Experts` passes one only when a forward hook is attached
+to one of its `ExpertOutputProbe` children (MIGU does that), so ordinary steps pay nothing.
+
 `resolve_backend("auto", x, gate, idx)` picks by device, dtype, torch version and load
 (`auto_backend` documents the measured rule); an explicitly requested `grouped_mm` that this
 torch/device/dtype cannot run falls back to `sorted` (logged once).
@@ -36,10 +43,11 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-DispatchFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    torch.Tensor,
-]
+DispatchFn = Callable[..., torch.Tensor]
+"""backend(x, idx, weight, gate, up, down, probe=None) -> y (see the module docstring)."""
+
+ProbeFn = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""probe(kind, h [S, F_out], expert_ids [S], token [S]) -> None (see the module docstring)."""
 
 _TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__.split("+")[0])
 
@@ -49,6 +57,14 @@ def swiglu(
 ) -> torch.Tensor:
     """One SwiGLU FFN: x [n, D], gate/up [F, D], down [D, F] -> [n, D]."""
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def swiglu_parts(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`swiglu` keeping the projections: (x gate^T [n, F], x up^T [n, F], y [n, D])."""
+    g, u = F.linear(x, gate), F.linear(x, up)
+    return g, u, F.linear(F.silu(g) * u, down)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,6 +77,7 @@ def dispatch_loop(
     gate: torch.Tensor,
     up: torch.Tensor,
     down: torch.Tensor,
+    probe: ProbeFn | None = None,
 ) -> torch.Tensor:
     """Reference dispatch: for each expert, gather its tokens, run it, scale, scatter-add back."""
     out = torch.zeros_like(x)
@@ -69,7 +86,13 @@ def dispatch_loop(
         tok, slot = torch.nonzero(idx == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        y = swiglu(x[tok], gate[e], up[e], down[e])
+        if probe is None:
+            y = swiglu(x[tok], gate[e], up[e], down[e])
+        else:
+            g, u, y = swiglu_parts(x[tok], gate[e], up[e], down[e])
+            ids = torch.full_like(tok, e)
+            for kind, h in (("gate_proj", g), ("up_proj", u), ("down_proj", y)):
+                probe(kind, h, ids, tok)
         out.index_add_(0, tok, y * weight[tok, slot, None].to(y.dtype))
     return out
 
@@ -123,6 +146,7 @@ def dispatch_sorted(
     gate: torch.Tensor,
     up: torch.Tensor,
     down: torch.Tensor,
+    probe: ProbeFn | None = None,
 ) -> torch.Tensor:
     """Sort assignments by expert, run each expert on its contiguous slice, scatter-add back.
 
@@ -136,14 +160,21 @@ def dispatch_sorted(
     expert_sorted, order, token = sort_by_expert(idx)
     counts = torch.bincount(expert_sorted, minlength=num_experts).tolist()
     xs = x.index_select(0, token)
-    outs = [
-        swiglu(x_e, g_e, u_e, d_e)
+    slices = [
+        (x_e, g_e, u_e, d_e)
         for x_e, g_e, u_e, d_e, c in zip(
             xs.split(counts), gate.unbind(0), up.unbind(0), down.unbind(0), counts
         )
         if c
     ]
-    ys = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if probe is None:
+        outs = [swiglu(*sl) for sl in slices]
+        ys = torch.cat(outs) if len(outs) > 1 else outs[0]
+    else:
+        parts = [swiglu_parts(*sl) for sl in slices]
+        g, u, ys = (torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts))
+        for kind, h in (("gate_proj", g), ("up_proj", u), ("down_proj", ys)):
+            probe(kind, h, expert_sorted, token)
     return combine(ys, token, order, weight, n)
 
 
@@ -211,6 +242,7 @@ def dispatch_grouped_mm(
     gate: torch.Tensor,
     up: torch.Tensor,
     down: torch.Tensor,
+    probe: ProbeFn | None = None,
 ) -> torch.Tensor:
     """Sort assignments by expert, then one grouped GEMM per projection; no host sync.
 
@@ -223,7 +255,7 @@ def dispatch_grouped_mm(
     reason = grouped_mm_unsupported_reason(x, gate)
     if reason is not None:
         _warn_fallback(reason)
-        return dispatch_sorted(x, idx, weight, gate, up, down)
+        return dispatch_sorted(x, idx, weight, gate, up, down, probe)
     n, d = x.shape
     num_experts, f = gate.shape[0], gate.shape[1]
     if idx.numel() == 0:
@@ -244,10 +276,13 @@ def dispatch_grouped_mm(
         w_down = F.pad(w_down, (0, dp - d, 0, fp - f))
     gmm = _grouped_mm_fn()
     assert gmm is not None  # checked by grouped_mm_unsupported_reason
-    h = F.silu(gmm(xs, w_gate, offs=offs)) * gmm(xs, w_up, offs=offs)
-    ys = gmm(h, w_down, offs=offs)
+    g, u = gmm(xs, w_gate, offs=offs), gmm(xs, w_up, offs=offs)
+    ys = gmm(F.silu(g) * u, w_down, offs=offs)
     if dp != d:
         ys = ys[:, :d]
+    if probe is not None:  # the real hidden units only (padding columns are 0)
+        for kind, h in (("gate_proj", g[:, :f]), ("up_proj", u[:, :f]), ("down_proj", ys)):
+            probe(kind, h, expert_sorted, token)
     return combine(ys, token, order, weight, n)
 
 
@@ -316,8 +351,58 @@ def resolve_backend(
     return DISPATCH_BACKENDS[name]
 
 
+class ExpertOutputProbe(nn.Module):
+    """Identity module that shows a forward hook the per-expert outputs of a 3-D expert weight.
+
+    The contract MIGU (`rmoe.continual.migu`) looks for: a child module with attributes
+    ``migu_param`` (the attribute name, on the parent, of an ``[E, F_out, D_in]`` or
+    ``[E, D_in, F_out]`` weight), ``migu_out_dim`` (1 or 2: the dimension indexing output units)
+    and optionally ``migu_bias`` (the name of an ``[E, F_out]`` bias), called by the parent as
+    ``h = probe(h, expert_ids, token_index)``. It returns its input and costs one module call
+    (or nothing, when the parent skips it while no hook is attached, as `Experts` does).
+
+    Args:
+        param_name: attribute name, on the module that owns this probe, of the expert weight.
+        out_dim: 1 if the weight is ``[E, F_out, D_in]``, 2 if it is ``[E, D_in, F_out]``.
+        bias_name: optional attribute name of an ``[E, F_out]`` bias on the same module.
+    """
+
+    def __init__(self, param_name: str, out_dim: int, bias_name: str | None = None) -> None:
+        super().__init__()
+        if out_dim not in (1, 2):
+            raise ValueError(
+                f"out_dim must be 1 ([E, F_out, D_in]) or 2 ([E, D_in, F_out]), got {out_dim}"
+            )
+        self.migu_param = param_name
+        self.migu_out_dim = out_dim
+        self.migu_bias = bias_name
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        expert_ids: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return ``h``: ``[n, F_out]`` rows with ``expert_ids [n]`` and ``token_index [n]``
+        (the flattened token of each row, or None), or ``[E, C, F_out]`` per-expert batches."""
+        return h
+
+    @property
+    def hooked(self) -> bool:
+        """Whether any forward (pre-)hook is attached, i.e. whether calling it has an effect."""
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
+    def extra_repr(self) -> str:
+        return f"param={self.migu_param!r}, out_dim={self.migu_out_dim}"
+
+
 class Experts(nn.Module):
-    """E routed SwiGLU experts with weights as [E, ...] tensors (see module docstring)."""
+    """E routed SwiGLU experts with weights as [E, ...] tensors (see module docstring).
+
+    Three `ExpertOutputProbe` children (``gate_probe``, ``up_probe``, ``down_probe``; no
+    parameters, nothing in the state dict) expose each weight's outputs on the dispatched rows to
+    forward hooks; MIGU finds and hooks them. Without a hook they are never called.
+    """
 
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"
@@ -329,17 +414,37 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, f, d))
         self.up_proj = nn.Parameter(torch.empty(e, f, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
+        self.gate_probe = ExpertOutputProbe("gate_proj", out_dim=1)
+        self.up_probe = ExpertOutputProbe("up_proj", out_dim=1)
+        self.down_probe = ExpertOutputProbe("down_proj", out_dim=1)
 
     def forward(
-        self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, backend: str | None = None
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        weight: torch.Tensor,
+        backend: str | None = None,
+        token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [N, D], idx [N, K], weight [N, K] -> [N, D] = sum_k weight * expert_idx(x).
 
         `backend` overrides the module's backend for this call ("auto", "loop", "sorted",
-        "grouped_mm").
+        "grouped_mm"). `token_index` [N] (long), when x is a subset of a batch's tokens (GW-MoE's
+        broadcast call), gives each row's index in the full flattened batch; the probes report
+        that index, so a per-token mask on the full batch still applies.
         """
         fn = resolve_backend(backend or self.backend, x, self.gate_proj, idx)
-        return fn(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj)
+        probe = None
+        if self.gate_probe.hooked or self.up_probe.hooked or self.down_probe.hooked:
+            probes = {"gate_proj": self.gate_probe, "up_proj": self.up_probe}
+            probes["down_proj"] = self.down_probe
+
+            def probe(kind: str, h: torch.Tensor, ids: torch.Tensor, tok: torch.Tensor) -> None:
+                module = probes[kind]
+                if module.hooked:
+                    module(h, ids, tok if token_index is None else token_index[tok])
+
+        return fn(x, idx, weight, self.gate_proj, self.up_proj, self.down_proj, probe=probe)
 
     def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e alone on every token: x [N, D] -> [N, D] (oracle and analysis)."""

@@ -144,7 +144,7 @@ class MoEBlock(nn.Module):
             if gw_tokens:
                 e = cfg.num_experts
                 all_idx = torch.arange(e, device=x.device).expand(gw_tokens, e)
-                dense = self.experts(xf[ui], all_idx, routing.probs[ui])
+                dense = self.experts(xf[ui], all_idx, routing.probs[ui], token_index=ui)
                 y = y.index_copy(0, ui, dense)
 
         if self.shared_experts is not None:

@@ -414,8 +414,9 @@ def gw_training(
 
 
 def build_masker(model: nn.Module, cfg: SFTConfig, optimizer: torch.optim.Optimizer | None = None):
-    """The MIGU / RandomMask object for ``cfg`` (or None), covering linear and expert weights."""
-    from rmoe.continual.migu import MIGU, RandomMask, cover_experts
+    """The MIGU / RandomMask object for ``cfg`` (or None), covering linear and expert weights
+    (rmoe's experts through their built-in probes)."""
+    from rmoe.continual.migu import MIGU, RandomMask
 
     if cfg.migu_ratio is not None:
         masker = MIGU(
@@ -435,7 +436,6 @@ def build_masker(model: nn.Module, cfg: SFTConfig, optimizer: torch.optim.Optimi
         )
     else:
         return None
-    cover_experts(masker, model)
     return masker
 
 
