@@ -153,7 +153,7 @@ def keep_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("suite", ["layer", "flops", "step"])
+@pytest.mark.parametrize("suite", ["layer", "flops", "step", "migu"])
 def test_benchmark_quick_writes_json(suite: str, tmp_path, keep_threads) -> None:
     import importlib
     import json
@@ -165,6 +165,11 @@ def test_benchmark_quick_writes_json(suite: str, tmp_path, keep_threads) -> None
     for key in ("cpu_model", "cpu_cores", "torch", "device", "date"):
         assert data["machine"][key] is not None
     assert (tmp_path / f"{suite}.md").read_text().startswith(f"# benchmark `{suite}`")
+    if suite == "migu":  # the expert weights are covered on top of the linear layers
+        res = data["results"][0]
+        covered = res["covered_weights"]
+        assert covered["migu (linear + experts)"] > covered["migu linear only"]
+        assert set(res["overhead_vs_plain"]["wall"]) == set(covered)
 
 
 def test_bench_cli_finds_folder_and_reports_absence(tmp_path) -> None:

@@ -13,25 +13,27 @@ import os
 import sys
 from pathlib import Path
 
-SUITES = ("layer", "step", "flops")
+SUITES = ("layer", "step", "flops", "migu")
 
 EXAMPLE = """examples:
   rmoe bench layer --quick
   rmoe bench all --out /tmp/bench
   rmoe bench step --device cuda --dtype bfloat16
+  rmoe bench migu --threads 1
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
-        help="speed benchmarks: MoE layer vs transformers' Mixtral, training step, FLOP/s",
+        help="speed benchmarks: MoE layer vs transformers' Mixtral, training step, FLOP/s, MIGU",
         description=(
             "Run benchmark suites from the repository's benchmarks/ folder. Each writes "
             "<suite>.json and <suite>.md (machine, command, median and spread) under --out. "
             "Suites: layer (MoE layer fwd+bwd tokens/s vs MixtralSparseMoeBlock), step (training "
             "step tokens/s and peak memory: SMoE, RMoE, MixtralForCausalLM), flops (expert FLOP/s "
-            "vs the dense-matmul ceiling)."
+            "vs the dense-matmul ceiling), migu (training-step cost of MIGU masking and the random-mask "
+            "control, on linear layers and expert weights)."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -526,7 +526,9 @@ class _RowMasker:
         if self._norm == "l1":
             inv = a.sum(dim=1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
             weights = inv if weights is None else inv * weights
-        acc.index_add_(0, ids, a if weights is None else a * weights.unsqueeze(1))
+        if weights is not None:
+            a.mul_(weights.unsqueeze(1))  # a is a fresh tensor (abs), safe to scale in place
+        acc.index_add_(0, ids, a)
         count.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32) if tok is None else tok)
 
     def _sync_stats(self) -> None:
