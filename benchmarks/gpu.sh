@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run the benchmark suites (layer, flops, step) in bfloat16 on a CUDA device; about 2-4 minutes
-# on one recent GPU. Results: <out>/{layer,flops,step}.{json,md} plus <out>/env.txt.
+# Run the benchmark suites (layer, flops, step, migu) in bfloat16 on a CUDA device; about 2-4 minutes
+# on one recent GPU. Results: <out>/{layer,flops,step,migu}.{json,md} plus <out>/env.txt.
 #
 #   bash benchmarks/gpu.sh                          # cuda, bfloat16 -> benchmarks/out/gpu
 #   bash benchmarks/gpu.sh --device cpu --quick     # smoke-test this script on a CPU machine
@@ -14,7 +14,7 @@ DEVICE=cuda
 DTYPE=bfloat16
 OUT=benchmarks/out/gpu
 QUICK=()
-SUITES=(layer flops step)
+SUITES=(layer flops step migu)
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
