@@ -36,51 +36,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import base_parser, machine, md_table, parse_args, setup, sync, write_results
+from benchmarks.step import StepShape
+from benchmarks.step import build_rmoe as build_step_model
 from rmoe.continual.migu import MIGU, RandomMask
 
 
 @dataclass(frozen=True)
-class Shape:
-    """Model and batch shape of one measurement."""
+class Shape(StepShape):
+    """The step suite's shape plus the recurrent router's state size P."""
 
-    width: int
-    layers: int
-    heads: int
-    experts: int
-    top_k: int
-    expert_width: int
-    router_dim: int
-    batch: int
-    seq: int
-    vocab: int = 258
+    router_dim: int = 32
 
 
 SHAPES = {
-    "demo": Shape(64, 2, 4, 8, 2, 96, 16, 32, 64),
-    "tiny": Shape(192, 4, 4, 8, 2, 384, 32, 8, 256),
+    "demo": Shape(64, 2, 4, 8, 2, 96, 32, 64, router_dim=16),
+    "tiny": Shape(192, 4, 4, 8, 2, 384, 8, 256, router_dim=32),
 }
-QUICK = Shape(32, 2, 2, 4, 2, 32, 8, 2, 16)
+QUICK = Shape(32, 2, 2, 4, 2, 32, 2, 16, router_dim=8)
 TARGET = 1.15
 
 
 def build_rmoe(s: Shape) -> nn.Module:
-    """RMoEForCausalLM of shape `s` with the recurrent (GRU) router."""
-    from rmoe import RMoEConfig, RMoEForCausalLM
-
-    cfg = RMoEConfig(
-        vocab_size=s.vocab,
-        hidden_size=s.width,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        moe_intermediate_size=s.expert_width,
-        num_experts=s.experts,
-        num_experts_per_tok=s.top_k,
-        router_type="recurrent",
-        router_dim=s.router_dim,
-        max_position_embeddings=max(128, s.seq),
-        router_aux_loss_coef=0.01,
-    )
-    return RMoEForCausalLM(cfg)
+    """RMoEForCausalLM of shape `s` with the recurrent (GRU) router (as the step suite builds)."""
+    return build_step_model(s, "recurrent", s.router_dim)
 
 
 class _DenseBlock(nn.Module):

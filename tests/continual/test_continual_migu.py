@@ -446,24 +446,10 @@ def test_errors_name_the_problem() -> None:
 # ----------------------------------------------------------------------------------------------
 # rmoe models: the experts' built-in probes
 # ----------------------------------------------------------------------------------------------
-def _rmoe_model(backend: str, **overrides):
-    from rmoe import RMoEConfig, RMoEForCausalLM
+def _rmoe_model(tokenizer, backend: str, **overrides):
+    from .conftest import make_model
 
-    torch.manual_seed(0)
-    cfg = RMoEConfig(
-        vocab_size=50,
-        hidden_size=12,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        moe_intermediate_size=10,
-        num_experts=4,
-        num_experts_per_tok=2,
-        router_type="recurrent",
-        router_dim=6,
-        experts_backend=backend,
-        **overrides,
-    )
-    return RMoEForCausalLM(cfg)
+    return make_model(tokenizer, experts_backend=backend, **overrides)
 
 
 def _expert_oracle(model, ids, mask) -> tuple[dict[str, torch.Tensor], int]:
@@ -513,8 +499,8 @@ def _expert_oracle(model, ids, mask) -> tuple[dict[str, torch.Tensor], int]:
 
 @pytest.mark.parametrize("backend", ["loop", "sorted", "grouped_mm"])
 @pytest.mark.parametrize("gw", [False, True])
-def test_rmoe_expert_magnitudes_match_recomputation(backend: str, gw: bool) -> None:
-    model = _rmoe_model(backend, **({"gw_entropy_threshold": 0.5} if gw else {}))
+def test_rmoe_expert_magnitudes_match_recomputation(tokenizer, backend: str, gw: bool) -> None:
+    model = _rmoe_model(tokenizer, backend, **({"gw_entropy_threshold": 0.5} if gw else {}))
     model.train()
     migu = MIGU(model, ratio=0.7)
     expert_names = [n for n in migu.covered if n.endswith(("gate_proj", "up_proj", "down_proj"))]
@@ -533,8 +519,8 @@ def test_rmoe_expert_magnitudes_match_recomputation(backend: str, gw: bool) -> N
     assert (broadcasts > 0) == gw
 
 
-def test_rmoe_one_step_changes_only_kept_expert_rows() -> None:
-    model = _rmoe_model("auto")
+def test_rmoe_one_step_changes_only_kept_expert_rows(tokenizer) -> None:
+    model = _rmoe_model(tokenizer, "auto")
     migu = MIGU(model, ratio=0.7)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     before = _snapshot(model)
