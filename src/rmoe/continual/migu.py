@@ -113,7 +113,7 @@ ran) over the processes (``sync=True``, the default; one ``all_reduce`` of one f
 every process keeps the same rows, the ones a single process would keep on the global batch.
 Every process must call :meth:`MIGU.apply_` at the same step, as it does in a DDP loop.
 :class:`RandomMask` needs no communication: seeded alike, every process draws the same rows.
-FSDP-sharded gradients (DTensor) are not supported.
+FSDP-sharded gradients (DTensor) are untested.
 """
 
 from __future__ import annotations
