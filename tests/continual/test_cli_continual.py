@@ -64,6 +64,32 @@ def test_finetune_cli_errors(tmp_path, saved_model, capsys):
     extra = ["--prompt-field", "q", "--answer-field", "a"]
     assert main([*base, *extra, "--migu-ratio", "0.7", "--random-mask-ratio", "0.7"]) == 2
     assert "not both" in capsys.readouterr().err
+    nothing = ["--migu-ratio", "0.7", "--mask-targets", "*.no_such_layer"]
+    assert main([*base, *extra, "--steps", "1", "--threads", "1", *nothing]) == 2
+    assert "found no layer to cover" in capsys.readouterr().err
+
+
+def test_finetune_cli_mask_targets_experts_only(tmp_path, saved_model):
+    from rmoe.training.evaluation import load_model_and_tokenizer
+
+    train, _ = _qa(tmp_path)
+    out = tmp_path / "ft"
+    argv = ["finetune", str(saved_model), "--data", str(train), "--prompt-field", "q",
+            "--answer-field", "a", "--steps", "1", "--lr", "0.01", "--grad-clip", "0",
+            "--migu-ratio", "0.7", "--mask-targets", "*.experts.*", "--out", str(out),
+            "--no-eval-before", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert res["config"]["mask_targets"] == ["*.experts.*"]
+    before, _, _ = load_model_and_tokenizer(saved_model, device="cpu")
+    after, _, _ = load_model_and_tokenizer(out, device="cpu")
+    b, a = before.state_dict(), after.state_dict()
+    # experts: masked per expert row (most rows still); a linear layer: every row moved
+    gate = "model.layers.0.moe.experts.gate_proj"
+    moved = (a[gate] != b[gate]).any(dim=2)  # [E, F]
+    assert 0 < moved.float().mean() < 0.5
+    q = "model.layers.0.attn.q_proj.weight"
+    assert (a[q] != b[q]).any(dim=1).all()
 
 
 def test_continual_run_cli(tmp_path, saved_model, two_tasks, capsys):

@@ -102,6 +102,8 @@ def test_stage_configs_follow_the_method():
     cfg = _cfg("random-mask", mask_first_task=True, migu_ratio=0.5)
     assert cfg.stage_sft(0).random_mask_ratio == 0.5 and cfg.stage_sft(0).migu_ratio is None
     assert cfg.stage_sft(3).seed == cfg.sft.seed + 3
+    cfg.sft.mask_targets = ["*.experts.*"]
+    assert cfg.stage_sft(2).mask_targets == ["*.experts.*"]
     assert parse_method("migu+replay") == {"migu", "replay"}
     with pytest.raises(ValueError, match="nearest: 'migu'"):
         parse_method("mgu")

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from rmoe.cli.finetune import parse_globs
+
 EXAMPLE = """examples:
   # the built-in task sequence (naming -> literal -> statement -> topic), three methods
   rmoe continual run --model runs/cpt-demo/base --out runs/cl --methods plain,migu,random-mask
@@ -83,6 +85,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     r.add_argument("--migu-ratio", type=float, default=0.7, help="masked share (migu, random-mask)")
     r.add_argument("--migu-norm", choices=["l1", "raw"], default="l1")
     r.add_argument("--mask-first-task", action="store_true", help="also mask the first stage")
+    r.add_argument(
+        "--mask-targets",
+        type=parse_globs,
+        default=None,
+        metavar="GLOB[,GLOB...]",
+        help="weights migu / random-mask cover: glob patterns on module / expert-parameter "
+        "names, e.g. '*.experts.*' (default: every nn.Linear and expert weight)",
+    )
     r.add_argument("--replay-size", type=int, default=200, help="replay buffer capacity")
     r.add_argument("--train-per-task", type=int, default=1000, help="training examples per task")
     r.add_argument("--eval-per-task", type=int, default=200, help="evaluation examples per task")
@@ -181,6 +191,7 @@ def _run_sequence(args: argparse.Namespace) -> int:
             seed=args.seed,
             normalize=args.normalize,
             device=args.device,
+            mask_targets=args.mask_targets,
         ),
         migu_ratio=args.migu_ratio,
         migu_norm=args.migu_norm,

@@ -24,6 +24,16 @@ exact match and answer loss before and after).
 """
 
 
+def parse_globs(text: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` for ``--mask-targets`` (argparse type)."""
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    if not patterns:
+        raise argparse.ArgumentTypeError(
+            "expected comma-separated glob patterns such as '*.experts.*,*.attn.*'"
+        )
+    return patterns
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune",
@@ -91,6 +101,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="keep masked rows still through weight decay and Adam momentum",
     )
+    g.add_argument(
+        "--mask-targets",
+        type=parse_globs,
+        default=None,
+        metavar="GLOB[,GLOB...]",
+        help="weights the mask covers: glob patterns on module / expert-parameter names, e.g. "
+        "'*.experts.*,*.attn.*' (default: every nn.Linear and expert weight)",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = end)")
     g.add_argument("--eval-batch-size", type=int, default=64)
@@ -154,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         migu_norm=args.migu_norm,
         random_mask_ratio=args.random_mask_ratio,
         freeze_masked_rows=args.freeze_masked_rows,
+        mask_targets=args.mask_targets,
         eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size,
         max_new_tokens=args.max_new_tokens,

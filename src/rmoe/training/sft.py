@@ -215,6 +215,9 @@ class SFTConfig:
         migu_norm: ``"l1"`` (paper) or ``"raw"`` (released code) magnitude statistic.
         random_mask_ratio: random-row control at this ratio; None = off.
         freeze_masked_rows: keep masked rows bit-exactly still (see ``MIGU``).
+        mask_targets: which weights MIGU / the random mask cover: glob patterns on module names
+            (``nn.Linear``) and parameter names (expert weights), e.g.
+            ``["*.experts.*", "*.mlp.*"]``; None = every trainable ``nn.Linear`` and expert weight.
         eval_every: evaluate every this many steps (0 = only at the end).
         eval_batch_size: examples per evaluation batch.
         max_new_tokens: greedy decoding budget; 0 = longest reference answer + 4 tokens.
@@ -242,6 +245,7 @@ class SFTConfig:
     migu_norm: str = "l1"
     random_mask_ratio: float | None = None
     freeze_masked_rows: bool = False
+    mask_targets: list[str] | None = None
     eval_every: int = 0
     eval_batch_size: int = 64
     max_new_tokens: int = 0
@@ -422,6 +426,7 @@ def build_masker(model: nn.Module, cfg: SFTConfig, optimizer: torch.optim.Optimi
         masker = MIGU(
             model,
             ratio=cfg.migu_ratio,
+            targets=cfg.mask_targets,
             norm=cfg.migu_norm,
             freeze_masked_rows=cfg.freeze_masked_rows,
             optimizer=optimizer if cfg.freeze_masked_rows else None,
@@ -430,6 +435,7 @@ def build_masker(model: nn.Module, cfg: SFTConfig, optimizer: torch.optim.Optimi
         masker = RandomMask(
             model,
             ratio=cfg.random_mask_ratio,
+            targets=cfg.mask_targets,
             seed=cfg.seed,
             freeze_masked_rows=cfg.freeze_masked_rows,
             optimizer=optimizer if cfg.freeze_masked_rows else None,
