@@ -171,8 +171,10 @@ def dispatch_sorted(
         outs = [swiglu(*sl) for sl in slices]
         ys = torch.cat(outs) if len(outs) > 1 else outs[0]
     else:
-        parts = [swiglu_parts(*sl) for sl in slices]
-        g, u, ys = (torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts))
+        gs, us, outs = zip(*(swiglu_parts(*sl) for sl in slices))
+        ys = torch.cat(outs) if len(outs) > 1 else outs[0]
+        # the probes only read g and u: concatenate them outside the autograd graph
+        g, u = (torch.cat([t.detach() for t in ts]) for ts in (gs, us))
         for kind, h in (("gate_proj", g), ("up_proj", u), ("down_proj", ys)):
             probe(kind, h, expert_sorted, token)
     return combine(ys, token, order, weight, n)
