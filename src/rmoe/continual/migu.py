@@ -484,7 +484,10 @@ class _RowMasker:
         if self._norm == "l1":
             inv = a.sum(dim=1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
             weights = inv if weights is None else inv * weights
-        acc += a.sum(dim=0) if weights is None else weights @ a
+        if weights is None:
+            acc += a.sum(dim=0)
+        else:
+            acc.addmv_(a.t(), weights)
         count += a.shape[0] if tok is None else tok.sum()
 
     def _accumulate_expert(
