@@ -519,13 +519,22 @@ def test_rmoe_expert_magnitudes_match_recomputation(tokenizer, backend: str, gw:
     assert (broadcasts > 0) == gw
 
 
-def test_rmoe_one_step_changes_only_kept_expert_rows(tokenizer) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_rmoe_one_step_changes_only_kept_expert_rows(tokenizer, precision: str) -> None:
     model = _rmoe_model(tokenizer, "auto")
     migu = MIGU(model, ratio=0.7)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     before = _snapshot(model)
     ids = torch.randint(0, 50, (4, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16-autocast"
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(m.shape[0] == 4 for n, m in migu.magnitudes().items() if ".experts." in n)
     masks = migu.apply_()
     opt.step()
     experts = [n for n in masks if ".experts." in n]
