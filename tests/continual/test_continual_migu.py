@@ -545,3 +545,49 @@ def test_rmoe_one_step_changes_only_kept_expert_rows(tokenizer, precision: str) 
         changed = _changed_rows(model.get_parameter(name).detach(), before[name], out_dim=1)
         assert not changed[~keep].any(), name
         assert changed.any(), name
+
+
+def test_weights_without_a_statistic_are_left_unmasked_with_one_warning(caplog) -> None:
+    class Functional(nn.Module):
+        """fc2's weight is used through F.linear, so its module's forward hook never runs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(8, 16)
+            self.fc2 = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(F.gelu(self.fc1(x)), self.fc2.weight, self.fc2.bias)
+
+    torch.manual_seed(0)
+    model = Functional()
+    migu = MIGU(model, ratio=0.7)
+    x = torch.randn(4, 8)
+    with caplog.at_level("WARNING", logger="rmoe.continual.migu"):
+        for _ in range(2):
+            model(x).pow(2).mean().backward()
+            masks = migu.apply_()
+            model.zero_grad()
+    assert set(masks) == {"fc1"}  # fc2 had a gradient but no statistic: left unmasked
+    warnings = [r for r in caplog.records if "no output statistic" in r.getMessage()]
+    assert len(warnings) == 1 and "fc2" in warnings[0].getMessage()
+
+
+@pytest.mark.slow
+def test_migu_attached_before_torch_compile_sees_the_same_statistics(tokenizer) -> None:
+    model = _rmoe_model(tokenizer, "auto")
+    migu = MIGU(model, ratio=0.7)
+    ids = torch.randint(0, 50, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    eager = {k: v.clone() for k, v in migu.magnitudes().items()}
+    migu.apply_()
+    model.zero_grad()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        got = migu.magnitudes()
+    finally:
+        torch._dynamo.reset()
+    assert set(got) == set(eager) and any(".experts." in k for k in got)
+    for name in eager:
+        torch.testing.assert_close(got[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)

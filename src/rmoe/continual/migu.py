@@ -103,7 +103,11 @@ Caveats: forwards run with gradients disabled (``torch.no_grad``, ``inference_mo
 accumulated, so evaluation does not pollute the statistic; activation checkpointing re-runs the
 forward with gradients enabled, which counts those tokens twice (the masks change only through
 the token weighting). ``nn.MultiheadAttention.out_proj`` is an ``nn.Linear`` that MHA never calls
-as a module, so it gets no statistic and is left unmasked.
+as a module, so it gets no statistic and is left unmasked. ``torch.compile``: construct MIGU before
+compiling the model (checked with the eager and inductor backends: the same statistics); hooks
+added to an already compiled model are not seen by the compiled graph. Whenever a covered weight
+has a gradient but no statistic, :meth:`MIGU.apply_` leaves it unmasked and logs one warning
+naming it.
 
 Data parallelism (DDP). Each process sees only its shard of the batch, so without care every
 process would mask different rows of the same (all-reduced) gradient and the replicas would
@@ -119,6 +123,7 @@ FSDP-sharded gradients (DTensor) are untested.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -129,6 +134,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from rmoe.modeling.experts import ExpertOutputProbe
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MIGU", "ExpertOutputProbe", "RandomMask", "num_kept_rows"]
 
@@ -256,6 +263,7 @@ class _RowMasker:
         self._handles: list[RemovableHandle] = []
         self._snapshot: list[tuple[Tensor, Tensor, Tensor]] = []
         self._token_mask: Tensor | None = None
+        self._warned: set[frozenset[str]] = set()
         self._target_spec = targets
         self._skip_frozen = bool(skip_frozen)
         self._discover()
@@ -561,6 +569,7 @@ class _RowMasker:
             ``last_masks``.
         """
         masks: dict[str, Tensor] = {}
+        unobserved: list[str] = []
         self._snapshot = []
         if self.enabled:
             self._sync_stats()
@@ -570,6 +579,7 @@ class _RowMasker:
                     continue
                 keep = self._keep_mask(target)
                 if keep is None:
+                    unobserved.append(target.name)
                     continue
                 keep = keep.to(grad.device)
                 grad.mul_(target.weight_view(keep).to(grad.dtype))
@@ -584,9 +594,29 @@ class _RowMasker:
                     if bias is not None:
                         self._snapshot.append((bias, ~keep, bias.detach().clone()))
                 masks[target.name] = keep
+        if unobserved:
+            self._warn_unobserved(unobserved)
         self.reset()
         self.last_masks = masks
         return masks
+
+    def _warn_unobserved(self, names: list[str]) -> None:
+        """Say once per set of names that weights with a gradient got no statistic."""
+        key = frozenset(names)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        logger.warning(
+            "MIGU: %d covered weight(s) have a gradient but no output statistic this step, so "
+            "they were left unmasked: %s. Their forward hooks did not run: the weight was used "
+            "outside its module's forward (functional calls, nn.MultiheadAttention.out_proj), "
+            "the module runs under torch.compile (attach MIGU before compiling, or train "
+            "uncompiled), or the forward ran under no_grad. Exclude them with `targets` to "
+            "silence this.",
+            len(names),
+            shown,
+        )
 
     @torch.no_grad()
     def restore_(self) -> None:

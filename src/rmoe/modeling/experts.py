@@ -183,11 +183,16 @@ def dispatch_sorted(
 # ----------------------------------------------------------------------------------------------
 # grouped_mm: one grouped GEMM per projection, offsets on the device
 # ----------------------------------------------------------------------------------------------
-@cache
+# torch.nn.functional.grouped_mm (torch >= 2.10) or torch._grouped_mm (2.8, 2.9), or None: a
+# constant of the installed torch (a plain lookup, so torch.compile traces it without warnings).
+_GROUPED_MM: Callable[..., torch.Tensor] | None = getattr(F, "grouped_mm", None) or getattr(
+    torch, "_grouped_mm", None
+)
+
+
 def _grouped_mm_fn() -> Callable[..., torch.Tensor] | None:
     """torch.nn.functional.grouped_mm (torch >= 2.10) or torch._grouped_mm (2.8, 2.9), or None."""
-    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    return fn
+    return _GROUPED_MM
 
 
 @cache
