@@ -548,13 +548,8 @@ def test_rmoe_one_step_changes_only_kept_expert_rows(tokenizer, precision: str) 
 
 
 def test_weights_without_a_statistic_are_left_unmasked_with_one_warning(caplog) -> None:
-    class Functional(nn.Module):
+    class Functional(TinyMLP):
         """fc2's weight is used through F.linear, so its module's forward hook never runs."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1 = nn.Linear(8, 16)
-            self.fc2 = nn.Linear(16, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.linear(F.gelu(self.fc1(x)), self.fc2.weight, self.fc2.bias)
