@@ -74,3 +74,22 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     e = p.shape[-1]
     h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
     return h / math.log(e) if e > 1 else torch.zeros_like(h)
+
+
+def training_loss(
+    lm_loss: torch.Tensor,
+    aux_loss: torch.Tensor | None,
+    z_loss: torch.Tensor | None,
+    aux_coef: float,
+    z_coef: float,
+) -> torch.Tensor:
+    """The training objective, composed here only: ``lm + aux_coef * aux (+ z_coef * z)``.
+
+    The z-loss term is added only when ``z_coef > 0``; a missing (None) router loss adds
+    nothing (models without MoE layers, or router losses not computed)."""
+    loss = lm_loss
+    if aux_loss is not None:
+        loss = loss + aux_coef * aux_loss
+    if z_loss is not None and z_coef > 0:
+        loss = loss + z_coef * z_loss
+    return loss

@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from ..config import RMoEConfig
 from .experts import DenseMLP, Experts
+from .losses import training_loss
 from .moe import MoEBlock
 from .routing import CosineScorer, RecurrentCell, RoutingResult, build_router_cell
 
@@ -522,11 +523,10 @@ class RMoEForCausalLM(RMoEPreTrainedModel, GenerationMixin):
                 shift_labels.reshape(-1),
                 ignore_index=-100,
             )
-            loss = lm_loss
-            if out.aux_loss is not None:
-                loss = loss + cfg.router_aux_loss_coef * out.aux_loss
-                if cfg.router_z_loss_coef > 0:
-                    loss = loss + cfg.router_z_loss_coef * out.z_loss
+            z = out.z_loss if out.aux_loss is not None else None
+            loss = training_loss(
+                lm_loss, out.aux_loss, z, cfg.router_aux_loss_coef, cfg.router_z_loss_coef
+            )
         return RMoECausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,

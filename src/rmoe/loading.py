@@ -1,0 +1,238 @@
+"""The one model loader: a run directory or a saved model directory -> model, tokenizer, run config.
+
+Every command that reads a model (``rmoe eval``, ``generate``, ``analyze``, ``finetune``, the
+continual harness, the experiment evaluator, ``train --init-from``) goes through
+:func:`load_model`, so they agree on which folder holds the model and which tokenizer goes with it.
+
+Where the model is (:func:`find_model_dir`), in order: the path itself when it holds
+``config.json``; ``path/model`` or ``path/final``; else the newest (highest step) ``step-N`` /
+``checkpoint-N`` folder with a ``config.json`` directly under ``path`` or under
+``path/checkpoints``. A path to a ``config.json`` file means its folder. An rmoe run directory
+holds its latest model at the top level, so the run itself is found first.
+
+Which tokenizer (:func:`find_tokenizer`): the nearest ``tokenizer.json`` in the model folder or
+one of its parents up to the path given. When there is none, :func:`load_model` raises a
+:class:`FileNotFoundError` that names the fix, unless the caller chose ``tokenizer=`` (any spec
+:func:`rmoe.data.build_tokenizer` accepts, e.g. ``"bytes"``) or ``missing_tokenizer="bytes"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .runtime import resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^(?:step|checkpoint)[-_](\d+)$")
+MISSING_TOKENIZER = ("error", "bytes")
+"""What :func:`load_model` does when no tokenizer.json is found: raise, or use the byte one."""
+
+
+@dataclass
+class Loaded:
+    """A loaded model and what came with it.
+
+    Attributes:
+        model: the model, in eval mode, on the requested device.
+        tokenizer: an :class:`rmoe.data.Tokenizer`.
+        run_config: the run's ``config.yaml`` as a dict (rmoe training runs), else None.
+        model_dir: the folder the weights were read from.
+        tokenizer_dir: the folder the tokenizer was read from (None: given or byte fallback).
+        tokenizer_fallback: True when no tokenizer.json was found and the byte tokenizer is used.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    run_config: dict[str, Any] | None
+    model_dir: Path
+    tokenizer_dir: Path | None = None
+    tokenizer_fallback: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        """``model, tokenizer, run_config = load_model(...)`` unpacks the three main parts."""
+        return iter((self.model, self.tokenizer, self.run_config))
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """The directory holding ``config.json`` for a model path or a run (rules in the module doc).
+
+    Raises:
+        FileNotFoundError: the path does not exist, is another file, or holds no model.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model path {str(path)!r} does not exist; give a model directory with config.json "
+            "or an rmoe run directory"
+        )
+    if p.is_file():
+        if p.name == "config.json":
+            return p.parent
+        raise FileNotFoundError(f"{str(path)!r} is a file; give the model directory instead")
+    if (p / "config.json").is_file():
+        return p
+    for name in ("model", "final"):
+        if (p / name / "config.json").is_file():
+            return p / name
+    steps: list[tuple[int, float, Path]] = []
+    for parent in (p, p / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            m = _STEP_DIR.match(child.name)
+            if m and (child / "config.json").is_file():
+                steps.append((int(m.group(1)), child.stat().st_mtime, child))
+    if steps:
+        return max(steps)[2]
+    raise FileNotFoundError(
+        f"no config.json in {str(p)!r} nor in its model/, final/, step-N/, checkpoint-N/ or "
+        "checkpoints/step-N/ folders; give the directory that holds config.json"
+    )
+
+
+def find_tokenizer(model_dir: Path, given: Path) -> Path | None:
+    """The nearest folder with a ``tokenizer.json``: ``model_dir`` or one of its ancestors up
+    to ``given`` (the path the user passed, e.g. a run directory), else None."""
+    model_dir, given = Path(model_dir).resolve(), Path(given).expanduser().resolve()
+    d = model_dir
+    while True:
+        if (d / "tokenizer.json").is_file():
+            return d
+        if d == given or d.parent == d or given not in d.parents:
+            return None
+        d = d.parent
+
+
+def read_run_config(path: str | Path, model_dir: Path | None = None) -> dict[str, Any] | None:
+    """The run's ``config.yaml`` (in ``path`` or ``model_dir``) as a dict, or None."""
+    import yaml
+
+    for cand in (Path(path) / "config.yaml", *([model_dir / "config.yaml"] if model_dir else [])):
+        if cand.is_file():
+            return yaml.safe_load(cand.read_text())
+    return None
+
+
+def _from_pretrained(model_dir: Path, dtype: torch.dtype | None) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import rmoe  # noqa: F401  (registers the rmoe Auto classes; trust_remote_code is never used)
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"cannot read the model config in {str(model_dir)!r}: {exc}") from exc
+    log.info("loading %s model from %s", config.model_type, model_dir)
+    kw = {} if dtype is None else {"dtype": dtype}
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+    except (OSError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"could not load a model from {model_dir}: {first}") from exc
+
+
+def _tokenizer_for(
+    path: Path, model_dir: Path, tokenizer: str | None, missing: str
+) -> tuple[Any, Path | None, str | None]:
+    """(tokenizer, folder it came from, fallback note)."""
+    from .data import build_tokenizer
+
+    if tokenizer is not None:
+        return build_tokenizer(tokenizer), None, None
+    tok_dir = find_tokenizer(model_dir, path)
+    if tok_dir is not None:
+        return build_tokenizer(str(tok_dir)), tok_dir, None
+    if missing == "bytes":
+        note = (
+            f"no tokenizer.json found in {model_dir} or above it; used the byte tokenizer "
+            "(ids 0-255 = bytes, 256 = end of text)"
+        )
+        log.warning("%s", note)
+        return build_tokenizer("bytes"), None, note
+    raise FileNotFoundError(
+        f"no tokenizer.json in {model_dir} or above it up to {path}; save the tokenizer next to "
+        "the model, or name one (--tokenizer PATH, or --tokenizer bytes for byte-level models)"
+    )
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    *,
+    tokenizer: str | None = None,
+    missing_tokenizer: str = "error",
+) -> Loaded:
+    """Load the model of a run or model directory, its tokenizer and its run config.
+
+    Args:
+        path: a run directory, a model directory, or a ``config.json`` (see the module doc).
+        device: ``auto`` (see :func:`rmoe.runtime.resolve_device`) or a device name.
+        dtype: weight dtype (``auto`` = bf16 on CUDA else float32, a name, a torch dtype), or
+            None to load the weights as saved.
+        tokenizer: a tokenizer spec that overrides the saved one (``bytes``, a tokenizer.json).
+        missing_tokenizer: ``error`` (default) raises when no tokenizer.json is found;
+            ``bytes`` uses the byte tokenizer and records a note.
+
+    Raises:
+        FileNotFoundError: no model or no tokenizer (with the fix).
+        ValueError: an unreadable model, or a tokenizer larger than the model's vocabulary.
+    """
+    if missing_tokenizer not in MISSING_TOKENIZER:
+        raise ValueError(f"missing_tokenizer must be one of {MISSING_TOKENIZER}")
+    path = Path(path)
+    model_dir = find_model_dir(path)
+    dev = resolve_device(device)
+    model = _from_pretrained(model_dir, None if dtype is None else resolve_dtype(dtype, dev))
+    model.to(dev).eval()
+    tok, tok_dir, note = _tokenizer_for(path, model_dir, tokenizer, missing_tokenizer)
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab and tok.vocab_size > vocab:
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model in {model_dir} has a "
+            f"vocabulary of {vocab}; put the model's tokenizer.json next to its config.json"
+        )
+    return Loaded(
+        model=model,
+        tokenizer=tok,
+        run_config=read_run_config(path, model_dir),
+        model_dir=model_dir,
+        tokenizer_dir=tok_dir,
+        tokenizer_fallback=note is not None,
+        notes=[note] if note else [],
+    )
+
+
+def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load every ``*.safetensors`` file in ``directory`` into an already built model (strict
+    but for tied embeddings): how training starts from another run (``--init-from``) or resumes.
+
+    Raises:
+        FileNotFoundError: no safetensors file in the directory.
+        ValueError: names that do not fit the model (the first few are listed).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {directory} do not fit the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
