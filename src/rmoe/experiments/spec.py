@@ -456,6 +456,6 @@ def quick_spec(spec: ExperimentSpec, steps: int = 6) -> ExperimentSpec:
 
 
 def _model_keys() -> set[str]:
-    from ..training.config import _rmoe_fields
+    from ..training.config import model_field_names
 
-    return set(_rmoe_fields())
+    return set(model_field_names())

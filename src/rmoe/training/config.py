@@ -172,17 +172,18 @@ class TrainConfig:
                 raise ValueError(msg)
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-        unknown = set(self.model) - set(_rmoe_fields())
+        unknown = set(self.model) - set(model_field_names())
         if unknown:
             name = sorted(unknown)[0]
             raise ValueError(
-                f"unknown config key 'model.{name}'; valid model keys: {sorted(_rmoe_fields())}"
-                + _nearest(name, _rmoe_fields())
+                f"unknown config key 'model.{name}'; valid model keys: {sorted(model_field_names())}"
+                + _nearest(name, model_field_names())
             )
         self.model_config(vocab_size=self.model.get("vocab_size", 258))
 
 
-def _rmoe_fields() -> list[str]:
+def model_field_names() -> list[str]:
+    """The keys a run config's ``model`` section accepts: RMoEConfig's constructor arguments."""
     import inspect
 
     params = inspect.signature(RMoEConfig.__init__).parameters
@@ -199,7 +200,7 @@ _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": RunConfig}
 
 def valid_keys() -> list[str]:
     """Every settable key, dotted (`section.key`)."""
-    keys = [f"model.{k}" for k in _rmoe_fields()]
+    keys = [f"model.{k}" for k in model_field_names()]
     for sec, cls in _SECTIONS.items():
         keys += [f"{sec}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
@@ -275,7 +276,7 @@ def set_key(cfg: TrainConfig, dotted: str, value: Any) -> None:
     if isinstance(value, str) and sec == "model":
         value = yaml.safe_load(value) if value != "" else value
     if sec == "model":
-        if key not in _rmoe_fields():
+        if key not in model_field_names():
             raise ValueError(
                 f"unknown config key {dotted!r}; valid keys: {', '.join(valid_keys())}"
                 + _nearest(dotted, valid_keys())
