@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..analysis import routing as rt
+from ..analysis.routing import routing_summary
 from ..data import eval_windows, get_batch, get_corpus, get_split_tokens
+from ..evaluation import batch_losses, window_batches
+from ..loading import load_model
+from ..runtime import autocast_dtype, model_device, set_threads
 from ..training.checkpoint import latest_checkpoint
-from ..training.evaluation import load_model_and_tokenizer
 from .spec import EvalSpec
 
 RESULTS_FILE = "arm_results.json"
@@ -73,39 +73,6 @@ def read_metrics(run_dir: str | Path, corpus: str | None = None) -> dict[str, li
     }
 
 
-def _amp(run_cfg: dict[str, Any], device: torch.device) -> torch.dtype | None:
-    dtype = (run_cfg or {}).get("train", {}).get("dtype", "auto")
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-@torch.no_grad()
-def batch_losses(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    seq_len: int,
-    batch_size: int,
-    batches: int,
-    amp: torch.dtype | None = None,
-) -> tuple[list[float], list[int]]:
-    """Summed next-token loss (nats) and token count of each of the first `batches` evaluation
-    batches (non-overlapping windows from the start of `tokens`)."""
-    device = next(model.parameters()).device
-    losses, counts = [], []
-    for starts in eval_windows(len(tokens), seq_len, batch_size, batches):
-        x, y = get_batch(tokens, starts, seq_len, device)
-        ctx = torch.autocast(device.type, amp) if amp else nullcontext()
-        with ctx:
-            logits = model(input_ids=x, use_cache=False).logits
-        loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-        )
-        losses.append(float(loss))
-        counts.append(int(y.numel()))
-    return losses, counts
-
-
 @torch.no_grad()
 def collect_routing(
     model: torch.nn.Module,
@@ -117,7 +84,7 @@ def collect_routing(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per MoE layer: router probabilities [N, E] and chosen experts [N, K] on the first
     `max_tokens` input tokens (whole windows) of `tokens`."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     n_windows = max(1, max_tokens // seq_len)
     batches = -(-n_windows // batch_size)
     probs: list[list[np.ndarray]] = []
@@ -141,41 +108,6 @@ def collect_routing(
     return [np.concatenate(p) for p in probs], [np.concatenate(t) for t in topk]
 
 
-def routing_summary(
-    probs: list[np.ndarray], topk: list[np.ndarray], mi_bins: int = 100
-) -> dict[str, Any]:
-    """Layer-wise and layer-mean routing statistics: inner balance (median top1/top2), outer
-    balance (median selected mass), mean router entropy (nats, and normalised by ln E), and the
-    binned cross-layer MI matrix with its mean over all layer pairs and over adjacent pairs."""
-    ib = [rt.inner_balance(p) for p in probs]
-    ob = [rt.outer_balance(p, t) for p, t in zip(probs, topk)]
-    ent = [float(rt.router_entropy(p).mean()) for p in probs]
-    e = probs[0].shape[1]
-    out: dict[str, Any] = {
-        "tokens": int(probs[0].shape[0]),
-        "num_experts": int(e),
-        "layer_inner_balance": ib,
-        "layer_outer_balance": ob,
-        "layer_entropy": ent,
-        "inner_balance": float(np.mean(ib)),
-        "outer_balance": float(np.mean(ob)),
-        "entropy": float(np.mean(ent)),
-        "entropy_normalized": float(np.mean(ent) / math.log(e)) if e > 1 else float("nan"),
-    }
-    n_layers = len(probs)
-    if n_layers >= 2:
-        mi = rt.binned_mutual_information_matrix(probs, num_bins=mi_bins)
-        iu = np.triu_indices(n_layers, 1)
-        out["mi_matrix"] = mi.tolist()
-        out["mi_mean"] = float(mi[iu].mean())
-        out["mi_adjacent"] = float(np.mean([mi[i, i + 1] for i in range(n_layers - 1)]))
-    else:
-        out["mi_matrix"] = None
-        out["mi_mean"] = float("nan")
-        out["mi_adjacent"] = float("nan")
-    return out
-
-
 def throughput(train_records: list[dict[str, Any]]) -> float:
     """Median training tokens/s over logged records (the first record, which includes start-up,
     is skipped when there are others)."""
@@ -188,24 +120,23 @@ def throughput(train_records: list[dict[str, Any]]) -> float:
 def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dict[str, Any]:
     """Evaluate a trained run on the fixed slice; returns the arm's results (see module doc)."""
     run_dir = Path(run_dir)
-    model, tokenizer, run_cfg = load_model_and_tokenizer(run_dir, device)
+    model, tokenizer, run_cfg = load_model(run_dir, device)
     run_cfg = run_cfg or {}
-    threads = int(run_cfg.get("train", {}).get("threads", 0) or 0)
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(int(run_cfg.get("train", {}).get("threads", 0) or 0))
     data_cfg = run_cfg.get("data", {})
     seq_len = int(data_cfg.get("seq_len", 256))
     corpus = get_corpus(
         data_cfg.get("corpus", "python-stdlib"), text_field=data_cfg.get("text_field", "text")
     )
-    dev = next(model.parameters()).device
-    amp = _amp(run_cfg, dev)
+    dev = model_device(model)
+    amp = autocast_dtype(run_cfg.get("train", {}).get("dtype", "auto"), dev)
     res: dict[str, Any] = {"run_dir": str(run_dir), "step": checkpoint_step(run_dir), "splits": {}}
     split_tokens = {}
     for split in ev.splits:
         ts = get_split_tokens(corpus, tokenizer, split, cache_dir=data_cfg.get("cache_dir"))
         split_tokens[split] = ts
-        losses, counts = batch_losses(model, ts.tokens, seq_len, ev.batch_size, ev.batches, amp)
+        batches = window_batches(ts.tokens, seq_len, ev.batch_size, ev.batches, dev)
+        losses, counts = batch_losses(model, batches, amp)
         mean = sum(losses) / sum(counts)
         res["splits"][split] = {
             "loss": mean,

@@ -1,6 +1,8 @@
-"""Training: configs and presets, the trainer loop, evaluation, atomic checkpoints."""
+"""Training: configs and presets, run preparation, the step, checkpoints, metrics, the loop."""
 
-from .checkpoint import latest_checkpoint, list_checkpoints
+from ..evaluation import evaluate_split
+from ..loading import find_model_dir
+from .checkpoint import Checkpointer, latest_checkpoint, list_checkpoints
 from .config import (
     DataConfig,
     OptimConfig,
@@ -10,23 +12,27 @@ from .config import (
     preset_names,
     valid_keys,
 )
-from .trainer import (
-    NonFiniteLossError,
-    TrainResult,
-    evaluate_split,
-    find_model_dir,
-    lr_factor,
-    routing_stats,
-    train,
-)
+from .metrics import MetricsWriter
+from .optim import build_optimizer, lr_factor
+from .prepare import PreparedRun, prepare_run
+from .step import GradientMasker, StepRecord, accumulate_gradients, apply_update
+from .trainer import NonFiniteLossError, TrainResult, train
 
 __all__ = [
+    "Checkpointer",
     "DataConfig",
+    "GradientMasker",
+    "MetricsWriter",
     "NonFiniteLossError",
     "OptimConfig",
+    "PreparedRun",
     "RunConfig",
+    "StepRecord",
     "TrainConfig",
     "TrainResult",
+    "accumulate_gradients",
+    "apply_update",
+    "build_optimizer",
     "evaluate_split",
     "find_model_dir",
     "latest_checkpoint",
@@ -34,7 +40,7 @@ __all__ = [
     "load_config",
     "lr_factor",
     "preset_names",
-    "routing_stats",
+    "prepare_run",
     "train",
     "valid_keys",
 ]

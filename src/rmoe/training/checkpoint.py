@@ -137,3 +137,92 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly: model, optimizer,
+    schedule, sampler position, RNG streams and the config.
+
+    Under FSDP :meth:`save` gathers the full (unsharded) states on every rank (a collective)
+    and only the main process writes; :meth:`restore` loads a full optimizer state into the
+    sharded optimizer.
+
+    Args:
+        run_dir: the run directory (checkpoints go to ``run_dir/checkpoints/step-N``).
+        model: the unwrapped model (its ``save_pretrained`` writes the weights).
+        optimizer, scheduler, sampler: objects with ``state_dict`` / ``load_state_dict``.
+        tokenizer: saved with every checkpoint.
+        config: the run config as a dict (stored in the state, checked on resume).
+        keep_last: checkpoints kept after pruning.
+        fsdp: the model is sharded with FSDP.
+        is_main: this process writes files.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        model,
+        optimizer,
+        scheduler,
+        sampler,
+        tokenizer,
+        config: dict[str, Any],
+        keep_last: int,
+        fsdp: bool = False,
+        is_main: bool = True,
+    ) -> None:
+        self.run_dir, self.model, self.optimizer = Path(run_dir), model, optimizer
+        self.scheduler, self.sampler, self.tokenizer = scheduler, sampler, tokenizer
+        self.config, self.keep_last, self.fsdp, self.is_main = config, keep_last, fsdp, is_main
+
+    def _full_states(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        if not self.fsdp:
+            return None, self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=opts)
+        return model_sd, get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+
+    def save(self, step: int) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically (main process); the path, or None elsewhere."""
+        model_sd, optim_sd = self._full_states()
+        if not self.is_main:
+            return None
+        state = {
+            "step": step,
+            "optimizer": optim_sd,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "config": self.config,
+        }
+        return save_checkpoint(
+            self.run_dir, step, self.model, self.tokenizer, state, self.keep_last, model_sd
+        )
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Load a checkpoint's trainer state (the weights are loaded before wrapping); returns
+        its step."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(
+                self.model,
+                self.optimizer,
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        return int(state["step"])

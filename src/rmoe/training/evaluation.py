@@ -6,42 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from ..data import build_tokenizer, get_corpus, get_split_tokens
-from .trainer import evaluate_split, find_model_dir, resolve_device
-
-
-def load_model_and_tokenizer(path: str | Path, device: str = "auto", tokenizer: str | None = None):
-    """(model in eval mode on device, tokenizer, run config dict or None) for a run or model dir.
-
-    `tokenizer` overrides the saved tokenizer (a tokenizer.json file or directory)."""
-    from transformers import AutoModelForCausalLM
-
-    import rmoe  # noqa: F401  (registers the Auto classes)
-
-    model_dir = find_model_dir(path)
-    dev = resolve_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir).to(dev).eval()
-    except (OSError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"could not load a model from {model_dir}: {first}") from exc
-    if tokenizer is not None:
-        tok = build_tokenizer(tokenizer)
-    else:
-        tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(path)
-        if not (tok_dir / "tokenizer.json").is_file():
-            raise FileNotFoundError(
-                f"no tokenizer.json in {model_dir} or {path}; save the tokenizer next to the model"
-            )
-        tok = build_tokenizer(str(tok_dir))
-    run_cfg = None
-    for cand in (Path(path) / "config.yaml", model_dir / "config.yaml"):
-        if cand.is_file():
-            run_cfg = yaml.safe_load(cand.read_text())
-            break
-    return model, tok, run_cfg
+from ..data import get_corpus, get_split_tokens
+from ..evaluation import evaluate_split
+from ..loading import load_model
+from ..runtime import model_device
 
 
 def evaluate_path(
@@ -56,7 +25,7 @@ def evaluate_path(
     tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Loss, bits per byte and perplexity of a run/model on a corpus split."""
-    model, tokenizer, run_cfg = load_model_and_tokenizer(path, device, tokenizer)
+    model, tokenizer, run_cfg = load_model(path, device, tokenizer=tokenizer)
     data_cfg = (run_cfg or {}).get("data", {})
     corpus_spec = data or data_cfg.get("corpus", "python-stdlib")
     field = text_field or data_cfg.get("text_field", "text")
@@ -68,7 +37,7 @@ def evaluate_path(
         )
     corpus = get_corpus(corpus_spec, text_field=field)
     tokens = get_split_tokens(corpus, tokenizer, split, cache_dir=data_cfg.get("cache_dir"))
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     res = evaluate_split(model, tokens, seq_len, batch_size, max_batches or None, dev)
     return {
         "path": str(path),
@@ -96,8 +65,8 @@ def generate_text(
         raise ValueError(f"--temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
-    model, tokenizer, _ = load_model_and_tokenizer(path, device)
-    dev = next(model.parameters()).device
+    model, tokenizer, _ = load_model(path, device)
+    dev = model_device(model)
     ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
     x = torch.tensor([ids], device=dev)
     torch.manual_seed(seed)
