@@ -34,6 +34,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from rmoe.data.files import (
+    files_fingerprint,
+    is_binary,
+    list_files,
+    read_text,
+    relative_key,
+    require_path,
+)
+
 logger = logging.getLogger(__name__)
 
 Document = str | bytes
@@ -49,9 +58,6 @@ DEFAULT_CORPUS = "python-stdlib"
 _STDLIB_EXCLUDED_DIRS = frozenset(
     {"test", "tests", "idle_test", "testmock", "site-packages", "dist-packages", "__pycache__"}
 )
-
-# Bytes read from the start of a file to decide whether it is binary (contains NUL).
-_BINARY_SNIFF_BYTES = 8192
 
 
 def split_of(key: str) -> str:
@@ -120,64 +126,6 @@ class Corpus(ABC):
         return f"{type(self).__name__}({self.spec!r})"
 
 
-# ----------------------------------------------------------------------------------------------
-# helpers for file-based corpora
-
-
-def _require_path(path_str: str, kind: str) -> Path:
-    if not path_str:
-        raise ValueError(f"corpus spec {kind!r} needs a path: write {kind}:PATH")
-    path = Path(path_str).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"corpus path {str(path)!r} (from '{kind}:{path_str}') does not exist; "
-            f"check the path or create the file"
-        )
-    return path
-
-
-def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
-
-
-def _list_files(root: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
-    """Regular files under ``root`` (recursively), skipping hidden ones, sorted by relative path."""
-    if root.is_file():
-        return [root]
-    files = []
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        if _is_hidden(relative) or not path.is_file():
-            continue
-        if suffixes is not None and not path.name.endswith(suffixes):
-            continue
-        files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _files_fingerprint(root: Path, files: list[Path]) -> str:
-    """Relative names, sizes and modification times of ``files``, hashed."""
-    digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        relative = path.name if root.is_file() else path.relative_to(root).as_posix()
-        digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _relative_key(root: Path, path: Path) -> str:
-    return path.name if root.is_file() else path.relative_to(root).as_posix()
-
-
-def _is_binary(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return b"\x00" in handle.read(_BINARY_SNIFF_BYTES)
-
-
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
 def _contiguous_split(text: str, split: str) -> str:
     """Characters ``[0, 90%)`` train, ``[90%, 95%)`` valid, ``[95%, 100%)`` test."""
     n = len(text)
@@ -233,7 +181,7 @@ class PythonStdlibCorpus(Corpus):
 
     def __init__(self, spec: str, argument: str = "", text_field: str = "text") -> None:
         super().__init__(spec, text_field)
-        self.root = _require_path(argument, self.kind) if argument else None
+        self.root = require_path(argument, self.kind) if argument else None
         self._files = stdlib_files(self.root)
         if not self._files:
             where = self.root or sysconfig.get_paths()["stdlib"]
@@ -241,11 +189,11 @@ class PythonStdlibCorpus(Corpus):
 
     def documents(self, split: str) -> list[Document]:
         check_split(split)
-        return [_read_text(path) for rel, path in self._files if split_of(rel) == split]
+        return [read_text(path) for rel, path in self._files if split_of(rel) == split]
 
     def fingerprint(self) -> str:
         root = Path(self.root or sysconfig.get_paths()["stdlib"])
-        return sys.version + "\0" + _files_fingerprint(root, [path for _, path in self._files])
+        return sys.version + "\0" + files_fingerprint(root, [path for _, path in self._files])
 
 
 class PydocTopicsCorpus(Corpus):
@@ -284,8 +232,8 @@ class TextCorpus(Corpus):
 
     def __init__(self, spec: str, argument: str = "", text_field: str = "text") -> None:
         super().__init__(spec, text_field)
-        self.path = _require_path(argument, self.kind)
-        self._files = [path for path in _list_files(self.path) if not _is_binary(path)]
+        self.path = require_path(argument, self.kind)
+        self._files = [path for path in list_files(self.path) if not is_binary(path)]
         if not any(path.stat().st_size for path in self._files):
             raise ValueError(
                 f"no text found at {str(self.path)!r}: expected a non-empty text file or a "
@@ -295,18 +243,18 @@ class TextCorpus(Corpus):
     def documents(self, split: str) -> list[Document]:
         check_split(split)
         if self.path.is_file():
-            part = _contiguous_split(_read_text(self.path), split)
+            part = _contiguous_split(read_text(self.path), split)
             return [part] if part else []
         docs = []
         for path in self._files:
-            if split_of(_relative_key(self.path, path)) == split:
-                text = _read_text(path)
+            if split_of(relative_key(self.path, path)) == split:
+                text = read_text(path)
                 if text:
                     docs.append(text)
         return docs
 
     def fingerprint(self) -> str:
-        return _files_fingerprint(self.path, self._files)
+        return files_fingerprint(self.path, self._files)
 
 
 class _RowCorpus(Corpus):
@@ -316,8 +264,8 @@ class _RowCorpus(Corpus):
 
     def __init__(self, spec: str, argument: str = "", text_field: str = "text") -> None:
         super().__init__(spec, text_field)
-        self.path = _require_path(argument, self.kind)
-        self._files = _list_files(self.path, None if self.path.is_file() else self.suffixes)
+        self.path = require_path(argument, self.kind)
+        self._files = list_files(self.path, None if self.path.is_file() else self.suffixes)
         if not self._files:
             raise ValueError(
                 f"no {'/'.join(self.suffixes)} files found in directory {str(self.path)!r}"
@@ -332,7 +280,7 @@ class _RowCorpus(Corpus):
         if self._cache is None:
             by_split: dict[str, list[Document]] = {split: [] for split in SPLITS}
             for path in self._files:
-                relative = _relative_key(self.path, path)
+                relative = relative_key(self.path, path)
                 for index, text in enumerate(self._texts(path)):
                     if text:
                         by_split[split_of(f"{relative}:{index}")].append(text)
@@ -349,7 +297,7 @@ class _RowCorpus(Corpus):
         return list(self._load()[split])
 
     def fingerprint(self) -> str:
-        return _files_fingerprint(self.path, self._files)
+        return files_fingerprint(self.path, self._files)
 
 
 class JsonlCorpus(_RowCorpus):
@@ -522,7 +470,7 @@ class Enwik8Corpus(Corpus):
         test_bytes: int | None = None,
     ) -> None:
         super().__init__(spec, text_field)
-        self.path = _require_path(argument, self.kind)
+        self.path = require_path(argument, self.kind)
         if not self.path.is_file():
             raise ValueError(f"enwik8 path {str(self.path)!r} is a directory; expected the file")
         size = self.path.stat().st_size
@@ -566,7 +514,7 @@ class Enwik8Corpus(Corpus):
         return [data] if data else []
 
     def fingerprint(self) -> str:
-        return f"{_files_fingerprint(self.path, [self.path])}:{self.sizes}"
+        return f"{files_fingerprint(self.path, [self.path])}:{self.sizes}"
 
 
 CORPUS_KINDS: Mapping[str, type[Corpus]] = MappingProxyType(
