@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..formatting import fmt_number
 from .evaluate import RESULTS_FILE, read_metrics
 from .plan import ArmRun
 from .runner import STATUS_FILE, run_dir_of
@@ -74,9 +75,7 @@ def load_run_results(out_dir: str | Path, runs: list[ArmRun]) -> list[dict[str, 
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.{digits}f}"
+    return fmt_number(v, f".{digits}f", missing="–")
 
 
 def _pm(m: float, s: float, n: int, digits: int = 4) -> str:
@@ -337,6 +336,21 @@ def summary_markdown(
     plots: list[str],
 ) -> str:
     """The experiment's summary.md."""
+    lines = _header_lines(spec, rows, machine, command)
+    lines += _arms_table(spec, agg)
+    if agg["paired"]:
+        lines += _paired_table(spec, agg)
+    lines += _budget_table(rows)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    if spec.notes:
+        lines += ["## Notes", "", spec.notes.strip(), ""]
+    return "\n".join(lines)
+
+
+def _header_lines(
+    spec: ExperimentSpec, rows: list[dict[str, Any]], machine: dict[str, Any], command: str
+) -> list[str]:
     splits = spec.eval.splits
     lines = [f"# Experiment `{spec.name}`", ""]
     if spec.description:
@@ -352,9 +366,12 @@ def summary_markdown(
         f"{splits[-1]}; {spec.eval.bootstrap} bootstrap resamples over evaluation batches",
     ]
     done = sum(1 for r in rows if r["results"])
-    lines += [f"- runs finished: {done}/{len(rows)}", ""]
+    return lines + [f"- runs finished: {done}/{len(rows)}", ""]
 
-    lines += ["## Results per arm", ""]
+
+def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
+    splits = spec.eval.splits
+    lines = ["## Results per arm", ""]
     head = ["arm", "L", "seeds", "steps"] + [f"{s} bpb" for s in splits]
     head += [
         "params",
@@ -391,32 +408,39 @@ def summary_markdown(
         "routing profiles (nats; paper recipe, 100 bins), all averaged over layers.",
         "",
     ]
-    if agg["paired"]:
-        lines += [
-            f"## Paired differences to `{spec.reference}` (bits per byte; negative = better)",
-            "",
-            "| arm | L | split | per seed: diff [95% CI] | mean over seeds [95% CI] | seed std | CI excludes 0 |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for p in agg["paired"]:
-            ps = "; ".join(
-                f"s{q['seed']}: {q['diff']:+.4f} [{q['lo']:+.4f}, {q['hi']:+.4f}]"
-                for q in p["per_seed"]
-            )
-            m = p["mean_over_seeds"]
-            excl = "yes" if (m["lo"] > 0 or m["hi"] < 0) else "no"
-            lines.append(
-                f"| {p['label']} | {p['depth']} | {p['split']} | {ps} | "
-                f"{m['diff']:+.4f} [{m['lo']:+.4f}, {m['hi']:+.4f}] | {_fmt(p['seed_std'])} | {excl} |"
-            )
-        lines += [
-            "",
-            "Intervals are percentile bootstraps over evaluation batches (the same batches for "
-            "both arms); they reflect evaluation noise, not training-seed noise — compare the "
-            "difference with the seed std and with the reference arm's own spread.",
-            "",
-        ]
+    return lines
+
+
+def _paired_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Paired differences to `{spec.reference}` (bits per byte; negative = better)",
+        "",
+        "| arm | L | split | per seed: diff [95% CI] | mean over seeds [95% CI] | seed std | CI excludes 0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in agg["paired"]:
+        ps = "; ".join(
+            f"s{q['seed']}: {q['diff']:+.4f} [{q['lo']:+.4f}, {q['hi']:+.4f}]"
+            for q in p["per_seed"]
+        )
+        m = p["mean_over_seeds"]
+        excl = "yes" if (m["lo"] > 0 or m["hi"] < 0) else "no"
+        lines.append(
+            f"| {p['label']} | {p['depth']} | {p['split']} | {ps} | "
+            f"{m['diff']:+.4f} [{m['lo']:+.4f}, {m['hi']:+.4f}] | {_fmt(p['seed_std'])} | {excl} |"
+        )
     lines += [
+        "",
+        "Intervals are percentile bootstraps over evaluation batches (the same batches for "
+        "both arms); they reflect evaluation noise, not training-seed noise — compare the "
+        "difference with the seed std and with the reference arm's own spread.",
+        "",
+    ]
+    return lines
+
+
+def _budget_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "## Budget",
         "",
         "| run | match | steps | tokens | train FLOPs | status |",
@@ -428,12 +452,7 @@ def summary_markdown(
             f"| {r['run_id']} | {r['match']} | {r['max_steps']} | "
             f"{_si(r['max_steps'] * r['tokens_per_step'])} | {_si(r['train_flops'])} | {st} |"
         )
-    lines += [""]
-    if plots:
-        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    if spec.notes:
-        lines += ["## Notes", "", spec.notes.strip(), ""]
-    return "\n".join(lines)
+    return lines + [""]
 
 
 def write_report(
