@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     from rmoe.config import RMoEConfig
     from rmoe.modeling.accounting import count_config
-    from rmoe.training import find_model_dir, load_config
+    from rmoe.loading import find_model_dir
+    from rmoe.training import load_config
 
     target = Path(args.target)
     seq_len = args.seq_len
