@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rmoe.cli.main import build_parser, main
-from rmoe.training.evaluation import load_model_and_tokenizer
+from rmoe.loading import load_model
 
 from .conftest import write_jsonl
 
@@ -35,9 +35,9 @@ def test_finetune_cli_with_gw_and_frozen_router(tmp_path, saved_model, capsys):
     assert res["steps"] == 4 and len(res["gw_tokens"]) == 4
     assert res["final_eval"]["n"] == 6 and res["before"]["n"] == 6
     assert res["config"]["freeze_router"] and res["frozen"]
-    model, tok, _ = load_model_and_tokenizer(out, device="cpu")
+    model, tok, _ = load_model(out, device="cpu")
     assert model.config.gw_entropy_threshold is None  # GW is a training-time setting
-    before, _, _ = load_model_and_tokenizer(saved_model, device="cpu")
+    before, _, _ = load_model(saved_model, device="cpu")
     router = "model.layers.0.moe.router.proj.weight"
     assert (model.state_dict()[router] == before.state_dict()[router]).all()
 
@@ -70,8 +70,6 @@ def test_finetune_cli_errors(tmp_path, saved_model, capsys):
 
 
 def test_finetune_cli_mask_targets_experts_only(tmp_path, saved_model):
-    from rmoe.training.evaluation import load_model_and_tokenizer
-
     train, _ = _qa(tmp_path)
     out = tmp_path / "ft"
     argv = ["finetune", str(saved_model), "--data", str(train), "--prompt-field", "q",
@@ -81,8 +79,8 @@ def test_finetune_cli_mask_targets_experts_only(tmp_path, saved_model):
     assert main(argv) == 0
     res = json.loads((out / "finetune.json").read_text())
     assert res["config"]["mask_targets"] == ["*.experts.*"]
-    before, _, _ = load_model_and_tokenizer(saved_model, device="cpu")
-    after, _, _ = load_model_and_tokenizer(out, device="cpu")
+    before, _, _ = load_model(saved_model, device="cpu")
+    after, _, _ = load_model(out, device="cpu")
     b, a = before.state_dict(), after.state_dict()
     # experts: masked per expert row (most rows still); a linear layer: every row moved
     gate = "model.layers.0.moe.experts.gate_proj"

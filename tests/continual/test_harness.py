@@ -22,7 +22,8 @@ from rmoe.continual.tasks import (
     load_task,
     parse_task_spec,
 )
-from rmoe.training.sft import Example, SFTConfig
+from rmoe.data.examples import Example
+from rmoe.training.sft import SFTConfig
 
 from .conftest import make_model, write_jsonl
 

@@ -10,19 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from rmoe.continual import num_kept_rows
-from rmoe.training.sft import (
-    IGNORE_INDEX,
-    Example,
-    SFTConfig,
-    collate,
-    encode_example,
-    evaluate_examples,
-    finetune,
-    freeze_router,
-    greedy_answers,
-    load_examples,
-    normalize_answer,
-)
+from rmoe.continual.masking import masker_factory
+from rmoe.data.examples import IGNORE_INDEX, Example, collate, encode_example, load_examples
+from rmoe.training.sft import SFTConfig, finetune
+from rmoe.training.sft_eval import evaluate_examples, greedy_answers, normalize_answer
+from rmoe.training.surgery import freeze_router
 
 from .conftest import make_model, write_jsonl
 
@@ -153,7 +145,7 @@ def test_masking_in_the_sft_loop_changes_only_allowed_rows(tokenizer, kind):
         device="cpu",
         **({"migu_ratio": ratio} if kind == "migu" else {"random_mask_ratio": ratio}),
     )
-    finetune(model, tokenizer, EXAMPLES, None, cfg)
+    finetune(model, tokenizer, EXAMPLES, None, cfg, masker=masker_factory(cfg))
     checked = 0
     linear = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     for name, p in model.named_parameters():

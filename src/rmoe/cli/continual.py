@@ -169,7 +169,7 @@ def _run_sequence(args: argparse.Namespace) -> int:
 
     from rmoe.continual.harness import ContinualConfig, compare_methods, parse_method
     from rmoe.continual.tasks import DEMO_SEQUENCE, load_task
-    from rmoe.training.evaluation import load_model_and_tokenizer
+    from rmoe.loading import load_model
     from rmoe.training.sft import SFTConfig
 
     if args.threads:
@@ -202,7 +202,7 @@ def _run_sequence(args: argparse.Namespace) -> int:
     cfg.validate()
 
     def load():
-        model, tok, _ = load_model_and_tokenizer(args.model, device=args.device)
+        model, tok, _ = load_model(args.model, device=args.device)
         return model, tok
 
     def report(method: str, stage: int, info: dict) -> None:

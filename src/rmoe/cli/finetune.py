@@ -148,8 +148,11 @@ def _split(examples, holdout: float, seed: int):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rmoe.training.evaluation import load_model_and_tokenizer
-    from rmoe.training.sft import SFTConfig, evaluate_examples, finetune, load_examples
+    from rmoe.continual.masking import masker_factory
+    from rmoe.data.examples import load_examples
+    from rmoe.loading import load_model
+    from rmoe.training.sft import SFTConfig, finetune
+    from rmoe.training.sft_eval import evaluate_examples
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.threads:
@@ -190,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         train, evals = _split(train, args.holdout, args.seed)
     if args.eval_limit:
         evals = evals[: args.eval_limit]
-    model, tokenizer, _ = load_model_and_tokenizer(args.model, device=args.device)
+    model, tokenizer, _ = load_model(args.model, device=args.device)
     before = None
     if not args.no_eval_before:
         before = evaluate_examples(
@@ -206,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             f"before: exact match {before['exact_match']:.3f}, answer loss "
             f"{before['answer_loss']:.4f} ({len(evals)} examples)"
         )
-    result = finetune(model, tokenizer, train, evals, cfg)
+    result = finetune(model, tokenizer, train, evals, cfg, masker=masker_factory(cfg))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -5,11 +5,11 @@ after every stage.
 
     from rmoe.continual.harness import ContinualConfig, run_sequence
     from rmoe.continual.tasks import builtin_task
-    from rmoe.training.evaluation import load_model_and_tokenizer
+    from rmoe.loading import load_model
     from rmoe.training.sft import SFTConfig
 
     tasks = [builtin_task(n) for n in ("naming", "literal", "statement", "topic")]
-    model, tok, _ = load_model_and_tokenizer("runs/base")
+    model, tok, _ = load_model("runs/base")
     res = run_sequence(model, tok, tasks,
                        ContinualConfig(method="migu", sft=SFTConfig(steps=150, lr=1e-3)),
                        out_dir="runs/cl/migu")
@@ -47,9 +47,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from rmoe.continual.masking import masker_factory
 from rmoe.continual.metrics import ContinualMetrics, continual_metrics, write_accuracy_matrix
 from rmoe.continual.tasks import Task
-from rmoe.training.sft import Example, SFTConfig, evaluate_examples, finetune
+from rmoe.data.examples import Example
+from rmoe.formatting import fmt_number
+from rmoe.training.sft import SFTConfig, finetune
+from rmoe.training.sft_eval import evaluate_examples
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +271,10 @@ def run_sequence(
     predictions: dict[str, Any] = {}
     for i, task in enumerate(tasks):
         stage_cfg = cfg.stage_sft(i)
-        train = list(task.train)
-        replayed = 0
-        if buffer is not None and len(buffer):
-            replay = buffer.examples()
-            replayed = len(replay)
-            train += replay
+        replay = buffer.examples() if buffer is not None and len(buffer) else []
+        train = list(task.train) + replay
         ts = time.perf_counter()
-        res = finetune(model, tokenizer, train, None, stage_cfg)
+        res = finetune(model, tokenizer, train, None, stage_cfg, masker=masker_factory(stage_cfg))
         accs, losses, preds = _evaluate_all(model, tokenizer, tasks, cfg)
         matrix.append(accs)
         loss_matrix.append(losses)
@@ -286,7 +286,7 @@ def run_sequence(
             "task": task.name,
             "steps": res.steps,
             "train_examples": len(train),
-            "replayed_examples": replayed,
+            "replayed_examples": len(replay),
             "masking": stage_cfg.method,
             "first_loss": res.losses[0] if res.losses else None,
             "last_loss": float(np.mean(res.losses[-10:])) if res.losses else None,
@@ -319,31 +319,42 @@ def run_sequence(
         seconds=time.perf_counter() - t0,
     )
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        m = result.metrics
-        bwt = "n/a" if m.backward_transfer is None else f"{m.backward_transfer:+.3f}"
-        write_accuracy_matrix(
-            matrix,
-            out,
-            task_names=names,
-            title=f"{cfg.method}: AA={m.average_accuracy:.3f} BWT={bwt}",
-            baseline=base_acc,
-        )
-        (out / "answer_loss_matrix.json").write_text(
-            json.dumps(
-                {"task_names": names, "matrix": loss_matrix, "baseline": base_loss}, indent=2
-            )
-            + "\n"
-        )
-        payload = {
-            **result.to_dict(),
-            "config": {**asdict(cfg), "sft": cfg.sft.to_dict()},
-            "tasks": [t.summary() for t in tasks],
-        }
-        (out / "result.json").write_text(json.dumps(payload, indent=2) + "\n")
-        (out / "predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")
+        _write_sequence(result, cfg, tasks, predictions, Path(out_dir))
     return result
+
+
+def _write_sequence(
+    result: ContinualResult,
+    cfg: ContinualConfig,
+    tasks: Sequence[Task],
+    predictions: dict[str, Any],
+    out: Path,
+) -> None:
+    """The files of one sequence: accuracy matrix (json, md, png), answer-loss matrix, result
+    and predictions."""
+    out.mkdir(parents=True, exist_ok=True)
+    m = result.metrics
+    write_accuracy_matrix(
+        result.matrix,
+        out,
+        task_names=result.task_names,
+        title=f"{cfg.method}: AA={m.average_accuracy:.3f} "
+        f"BWT={fmt_number(m.backward_transfer, '+.3f')}",
+        baseline=result.baseline,
+    )
+    losses = {
+        "task_names": result.task_names,
+        "matrix": result.loss_matrix,
+        "baseline": result.baseline_loss,
+    }
+    (out / "answer_loss_matrix.json").write_text(json.dumps(losses, indent=2) + "\n")
+    payload = {
+        **result.to_dict(),
+        "config": {**asdict(cfg), "sft": cfg.sft.to_dict()},
+        "tasks": [t.summary() for t in tasks],
+    }
+    (out / "result.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")
 
 
 def _loss_bwt(loss_matrix: Sequence[Sequence[float]]) -> float | None:
@@ -388,10 +399,6 @@ def compare_methods(
     return results
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:+.3f}"
-
-
 def write_comparison(
     results: dict[str, ContinualResult],
     out_dir: str | Path,
@@ -425,9 +432,9 @@ def write_comparison(
     for method, r in results.items():
         m = r.metrics
         lines.append(
-            f"| {method} | {m.average_accuracy:.3f} | {_fmt(m.backward_transfer)} | "
-            f"{_fmt(m.forgetting)} | {_fmt(m.forward_transfer)} | {r.loss_average:.3f} | "
-            f"{_fmt(r.loss_backward_transfer)} | {r.seconds / 60:.1f} |"
+            f"| {method} | {m.average_accuracy:.3f} | {fmt_number(m.backward_transfer, '+.3f')} | "
+            f"{fmt_number(m.forgetting, '+.3f')} | {fmt_number(m.forward_transfer, '+.3f')} | {r.loss_average:.3f} | "
+            f"{fmt_number(r.loss_backward_transfer, '+.3f')} | {r.seconds / 60:.1f} |"
         )
     if results:
         names = next(iter(results.values())).task_names

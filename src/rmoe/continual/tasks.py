@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmoe.training.sft import Example, read_rows
+from rmoe.data.examples import Example, read_rows
 
 __all__ = [
     "BUILTIN_TASKS",

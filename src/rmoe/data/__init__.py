@@ -1,4 +1,5 @@
-"""The data pipeline: corpora by name, tokenizers, a memory-mapped token cache and the sampler.
+"""The data pipeline: corpora by name, tokenizers, a memory-mapped token cache, the sampler and
+supervised prompt -> answer examples (:mod:`rmoe.data.examples`).
 
 Typical use::
 
@@ -30,6 +31,14 @@ from rmoe.data.corpora import (
     split_of,
     stdlib_files,
 )
+from rmoe.data.examples import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    encode_example,
+    load_examples,
+    read_rows,
+)
 from rmoe.data.sampler import WindowSampler, eval_windows, get_batch
 from rmoe.data.tokenizer import (
     DEFAULT_TOKENIZER,
@@ -45,22 +54,28 @@ __all__ = [
     "DEFAULT_CORPUS",
     "DEFAULT_TOKENIZER",
     "EOS_TOKEN",
+    "IGNORE_INDEX",
     "PAD_TOKEN",
     "SPLITS",
     "Corpus",
     "Document",
+    "Example",
     "TokenSplit",
     "Tokenizer",
     "WindowSampler",
     "as_text",
     "build_tokenizer",
     "cache_key",
+    "collate",
     "default_cache_dir",
+    "encode_example",
     "eval_windows",
     "get_batch",
     "get_corpus",
     "get_split_tokens",
     "load_corpus",
+    "load_examples",
+    "read_rows",
     "split_of",
     "stdlib_files",
 ]

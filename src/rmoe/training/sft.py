@@ -3,191 +3,69 @@
 One library function, :func:`finetune`, used by ``rmoe finetune`` and by the continual-learning
 harness (:mod:`rmoe.continual.harness`)::
 
-    from rmoe.training.sft import SFTConfig, finetune, load_examples
-    from rmoe.training.evaluation import load_model_and_tokenizer
+    from rmoe.data.examples import load_examples
+    from rmoe.loading import load_model
+    from rmoe.training.sft import SFTConfig, finetune
 
-    model, tok, _ = load_model_and_tokenizer("runs/tiny-rmoe")
+    model, tok, _ = load_model("runs/tiny-rmoe")
     train = load_examples("train.jsonl", prompt_field="question", answer_field="answer")
-    result = finetune(model, tok, train, eval_examples=train[:100],
-                      cfg=SFTConfig(steps=200, lr=1e-3, migu_ratio=0.7))
+    cfg = SFTConfig(steps=200, lr=1e-3, migu_ratio=0.7)
+    result = finetune(model, tok, train, eval_examples=train[:100], cfg=cfg,
+                      masker=masker_factory(cfg))  # rmoe.continual.masking: MIGU from cfg
     print(result.final_eval["exact_match"])
 
-Sequence layout. One example is ``[EOS] prompt answer [EOS]`` (EOS doubles as BOS, as in
-pre-training). The labels are ``-100`` on ``[EOS] prompt`` and on padding, so the loss is the mean
-cross-entropy over the answer tokens and the closing EOS. Batches are right-padded with the
-tokenizer's pad id; the attention mask marks real tokens (the MoE balance loss, GW-MoE's token
-choice and MIGU's statistics all skip padding). Too-long examples keep the answer and the end of
-the prompt (the prompt is cut from the left).
+The parts live elsewhere: examples, their encoding and collation in :mod:`rmoe.data.examples`
+(``[EOS] prompt answer [EOS]``, labels ``-100`` on the prompt and padding); evaluation (exact
+match, answer loss) in :mod:`rmoe.training.sft_eval`; router freezing and GW-MoE switching in
+:mod:`rmoe.training.surgery`; the optimizer, schedule and update in :mod:`rmoe.training.optim`
+and :mod:`rmoe.training.step`.
 
-Evaluation. ``exact_match``: greedy decoding from ``[EOS] prompt`` (batched, left-padded, KV
-cache) until EOS or ``max_new_tokens``; prediction and reference are compared after
-normalisation (``"squad"``: lower case, punctuation, articles and extra whitespace removed, as in
-the MIGU code's ``compute_metrics``; ``"strip"``: surrounding whitespace only; ``"none"``).
-``answer_loss``: the teacher-forced mean cross-entropy (nats per token) over answer tokens + EOS.
-``tf_exact_match``: the fraction of examples whose every answer token (and the EOS) is the argmax
-under teacher forcing -- equal to unnormalised greedy exact match, at the cost of one forward.
+Gradient masking. The loop knows no masking method: the caller passes a factory
+``masker(model, optimizer) -> SFTMasker`` (for MIGU / its random control:
+:func:`rmoe.continual.masking.masker_factory`). Each step runs forward and backward inside
+``masker.token_mask(batch["attention_mask"])`` (so MIGU's statistic skips padding), then
+:func:`rmoe.training.step.apply_update` calls ``masker.apply_()`` before clipping and the
+optimizer step. ``finetune`` refuses a config that asks for masking (``migu_ratio`` /
+``random_mask_ratio``) without a masker.
 
 Options (:class:`SFTConfig`): ``freeze_router`` (the routers and the shared recurrent cell get no
 update, as GW-MoE's fine-tuning scripts do); ``gw_threshold`` / ``gw_max_tokens_per_seq`` /
 ``gw_random`` (GW-MoE broadcasting during training only, or the same-count random control; the
-model's config is restored afterwards); ``migu_ratio`` / ``random_mask_ratio`` (MIGU gradient
+model's GW policy is restored afterwards); ``migu_ratio`` / ``random_mask_ratio`` (MIGU gradient
 masking of every linear layer and expert weight, or its random-row control, see
 :mod:`rmoe.continual.migu`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
-import string
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..data.examples import Example, collate, encode_example
+from ..formatting import fmt_number
+from ..runtime import autocast_dtype, resolve_device
+from .optim import adamw, warmup_constant
+from .sft_eval import NORMALIZATIONS, evaluate_examples
+from .step import GradientMasker, apply_update
+from .surgery import freeze_router, gw_training
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Example",
+    "MaskerFactory",
     "SFTConfig",
+    "SFTMasker",
     "SFTResult",
-    "collate",
-    "encode_example",
-    "evaluate_examples",
     "finetune",
-    "freeze_router",
-    "greedy_answers",
-    "gw_training",
-    "load_examples",
-    "normalize_answer",
-    "read_rows",
 ]
-
-IGNORE_INDEX = -100
-NORMALIZATIONS = ("squad", "strip", "none")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Example:
-    """One supervised example: the model reads ``prompt`` and must produce ``answer``."""
-
-    prompt: str
-    answer: str
-
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a ``.jsonl`` file (one JSON object per line) or a ``.json`` list of objects."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"data file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{p} is not valid JSON ({err.msg})") from None
-        if isinstance(rows, dict):  # {"data": [...]} or {"train": [...]}
-            lists = [v for v in rows.values() if isinstance(v, list)]
-            rows = lists[0] if len(lists) == 1 else rows
-        if not isinstance(rows, list):
-            raise ValueError(f"{p}: expected a JSON list of objects (or use .jsonl)")
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{p}:{n} is not valid JSON ({err.msg}); each line of a .jsonl file must be "
-                    "one JSON object"
-                ) from None
-    for n, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise ValueError(f"{p}: row {n} is a {type(row).__name__}, expected a JSON object")
-    return rows
-
-
-def load_examples(
-    path: str | Path,
-    prompt_field: str = "prompt",
-    answer_field: str = "answer",
-    limit: int | None = None,
-) -> list[Example]:
-    """Prompt/answer examples from a ``.jsonl`` (or ``.json`` list) file.
-
-    Non-string values are converted with ``str`` (a numeric label becomes ``"3"``).
-
-    Raises:
-        ValueError: a row lacks a field (the message lists the fields it has).
-    """
-    rows = read_rows(path)
-    if not rows:
-        raise ValueError(f"{path} holds no examples")
-    out = []
-    for n, row in enumerate(rows[:limit] if limit else rows, start=1):
-        for name in (prompt_field, answer_field):
-            if name not in row:
-                raise ValueError(
-                    f"{path}: row {n} has no field {name!r}; its fields are {sorted(row)}; "
-                    f"pass --prompt-field/--answer-field"
-                )
-        out.append(Example(str(row[prompt_field]), str(row[answer_field])))
-    return out
-
-
-def encode_example(tokenizer: Any, example: Example, max_len: int) -> tuple[list[int], int]:
-    """Token ids ``[EOS] prompt answer [EOS]`` and the number of leading non-answer tokens.
-
-    Returns:
-        ``(ids, n_context)``: ``ids[:n_context]`` is ``[EOS] + prompt`` (no loss),
-        ``ids[n_context:]`` is ``answer + [EOS]`` (the loss).
-    """
-    if max_len < 3:
-        raise ValueError(f"max_len must be >= 3 (BOS, one answer token, EOS), got {max_len}")
-    prompt = list(tokenizer.encode(example.prompt))
-    answer = list(tokenizer.encode(example.answer)) + [tokenizer.eos_id]
-    answer = answer[: max_len - 1]
-    room = max_len - 1 - len(answer)
-    prompt = prompt[len(prompt) - room :] if room > 0 else []
-    ids = [tokenizer.eos_id, *prompt, *answer]
-    return ids, 1 + len(prompt)
-
-
-def collate(
-    encoded: Sequence[tuple[list[int], int]], pad_id: int, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples into ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``.
-
-    ``labels`` is ``-100`` on the context (BOS + prompt) and on padding.
-    """
-    t = max(len(ids) for ids, _ in encoded)
-    b = len(encoded)
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
-    attention = torch.zeros((b, t), dtype=torch.long)
-    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, n_ctx) in enumerate(encoded):
-        row = torch.tensor(ids, dtype=torch.long)
-        input_ids[i, : len(ids)] = row
-        attention[i, : len(ids)] = 1
-        labels[i, n_ctx : len(ids)] = row[n_ctx:]
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention.to(device),
-        "labels": labels.to(device),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,262 +216,26 @@ class SFTResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model surgery: router freezing and GW settings
+# Gradient masking, as the loop sees it
 # ----------------------------------------------------------------------------------------------
-def router_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the routing parameters: every ``*.moe.router.*`` and the shared router cell.
+class SFTMasker(GradientMasker, Protocol):
+    """A gradient masker for fine-tuning (:class:`rmoe.continual.MIGU` and ``RandomMask`` are).
 
-    For models that are not rmoe models, every parameter whose name contains ``router`` or
-    ends in ``.gate.weight`` (Mixtral/OLMoE/Qwen-MoE gates) -- GW-MoE's own rule is ``router``.
+    Per step the loop calls, in this order: ``token_mask(mask)`` around forward and backward,
+    then ``apply_()`` (through :func:`rmoe.training.step.apply_update`); ``remove()`` once at
+    the end.
     """
-    names = []
-    for name, _ in model.named_parameters():
-        if ".moe.router." in name or ".router_cell." in name or "router" in name:
-            names.append(name)
-        elif name.endswith(".gate.weight") or ".gate.wg." in name:
-            names.append(name)
-    return names
+
+    def token_mask(self, mask: torch.Tensor | None) -> AbstractContextManager[Any]:
+        """Count only the tokens where ``mask`` ``[B, T]`` is non-zero inside the block."""
+
+    def remove(self) -> None:
+        """Remove the hooks the masker installed."""
 
 
-def freeze_router(model: nn.Module) -> list[str]:
-    """Set ``requires_grad=False`` on the routers (and the shared recurrent cell).
-
-    Returns:
-        The frozen parameter names.
-
-    Raises:
-        ValueError: the model has no router parameters.
-    """
-    names = set(router_parameter_names(model))
-    if not names:
-        raise ValueError(
-            "--freeze-router: the model has no router parameters (no '*.moe.router.*', "
-            "'router_cell' or '*.gate.weight' names); it is not an MoE model"
-        )
-    for name, p in model.named_parameters():
-        if name in names:
-            p.requires_grad_(False)
-    return sorted(names)
-
-
-@contextmanager
-def gw_training(
-    model: nn.Module,
-    threshold: float | None,
-    max_tokens_per_seq: int | None = None,
-    random: bool = False,
-) -> Iterator[None]:
-    """Set the model config's GW-MoE fields for the duration of the block, then restore them.
-
-    ``threshold=None`` leaves the config as it is (``max_tokens_per_seq`` and ``random`` then
-    apply only if the model already has a threshold).
-
-    Raises:
-        ValueError: GW options on a model whose config has no GW fields.
-    """
-    cfg = getattr(model, "config", None)
-    wants = threshold is not None or max_tokens_per_seq is not None or random
-    if not wants:
-        yield
-        return
-    if cfg is None or not hasattr(cfg, "gw_entropy_threshold"):
-        raise ValueError(
-            "GW-MoE options (--gw-threshold, --gw-max-tokens-per-seq, --gw-random) need an rmoe "
-            "model (its config has gw_entropy_threshold); this model has none"
-        )
-    saved = (cfg.gw_entropy_threshold, cfg.gw_max_tokens_per_seq, cfg.gw_selection)
-    if threshold is not None:
-        cfg.gw_entropy_threshold = float(threshold)
-    if max_tokens_per_seq is not None:
-        cfg.gw_max_tokens_per_seq = int(max_tokens_per_seq)
-    if random:
-        cfg.gw_selection = "random"
-    if cfg.gw_entropy_threshold is None:
-        cfg.gw_entropy_threshold, cfg.gw_max_tokens_per_seq, cfg.gw_selection = saved
-        raise ValueError("--gw-random / --gw-max-tokens-per-seq need --gw-threshold")
-    try:
-        yield
-    finally:
-        cfg.gw_entropy_threshold, cfg.gw_max_tokens_per_seq, cfg.gw_selection = saved
-
-
-def build_masker(model: nn.Module, cfg: SFTConfig, optimizer: torch.optim.Optimizer | None = None):
-    """The MIGU / RandomMask object for ``cfg`` (or None), covering linear and expert weights
-    (rmoe's experts through their built-in probes)."""
-    from rmoe.continual.migu import MIGU, RandomMask
-
-    if cfg.migu_ratio is not None:
-        masker = MIGU(
-            model,
-            ratio=cfg.migu_ratio,
-            targets=cfg.mask_targets,
-            norm=cfg.migu_norm,
-            freeze_masked_rows=cfg.freeze_masked_rows,
-            optimizer=optimizer if cfg.freeze_masked_rows else None,
-        )
-    elif cfg.random_mask_ratio is not None:
-        masker = RandomMask(
-            model,
-            ratio=cfg.random_mask_ratio,
-            targets=cfg.mask_targets,
-            seed=cfg.seed,
-            freeze_masked_rows=cfg.freeze_masked_rows,
-            optimizer=optimizer if cfg.freeze_masked_rows else None,
-        )
-    else:
-        return None
-    return masker
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-_PUNCT = set(string.punctuation)
-
-
-def normalize_answer(text: str, mode: str = "squad") -> str:
-    """Normalise an answer for exact match (``squad``: lower, no punctuation/articles/extra
-    whitespace; ``strip``: surrounding whitespace; ``none``: unchanged)."""
-    if mode == "none":
-        return text
-    if mode == "strip":
-        return text.strip()
-    if mode != "squad":
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}")
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def greedy_answers(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int = 16,
-    batch_size: int = 64,
-    max_len: int = 256,
-) -> list[str]:
-    """Greedy continuations of ``[EOS] prompt`` until EOS (batched, left-padded, KV cache).
-
-    Prompts longer than ``max_len - max_new_tokens`` tokens are cut from the left.
-    """
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    keep = max(1, max_len - max_new_tokens - 1)
-    out: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = [
-                [tokenizer.eos_id, *list(tokenizer.encode(p))[-keep:]]
-                for p in prompts[i : i + batch_size]
-            ]
-            t = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), t), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), t), dtype=torch.long)
-            for r, c in enumerate(chunk):
-                ids[r, t - len(c) :] = torch.tensor(c)
-                mask[r, t - len(c) :] = 1
-            gen = model.generate(
-                ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_id,
-            )
-            for row in gen[:, t:].tolist():
-                if tokenizer.eos_id in row:
-                    row = row[: row.index(tokenizer.eos_id)]
-                out.append(tokenizer.decode([x for x in row if x != pad]))
-    finally:
-        model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def teacher_forced_metrics(
-    model: nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int, max_len: int
-) -> tuple[float, float, list[bool]]:
-    """``(answer_loss, tf_exact_match, per-example all-argmax-correct)`` in one forward each."""
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
-    total, count = 0.0, 0
-    correct: list[bool] = []
-    try:
-        for i in range(0, len(examples), batch_size):
-            enc = [encode_example(tokenizer, ex, max_len) for ex in examples[i : i + batch_size]]
-            batch = collate(enc, tokenizer.pad_id, device)
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            logits = logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            valid = labels != IGNORE_INDEX
-            ce = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).view_as(labels)
-            total += float(ce[valid].sum())
-            count += int(valid.sum())
-            hit = (logits.argmax(-1) == labels) | ~valid
-            correct += hit.all(dim=1).tolist()
-    finally:
-        model.train(was_training)
-    return total / max(count, 1), sum(correct) / max(len(correct), 1), correct
-
-
-def evaluate_examples(
-    model: nn.Module,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    *,
-    batch_size: int = 64,
-    max_new_tokens: int = 0,
-    normalize: str = "squad",
-    max_len: int = 256,
-    generate: bool = True,
-    keep_predictions: int = 0,
-) -> dict[str, Any]:
-    """Exact match of greedy answers, teacher-forced answer loss and tf exact match.
-
-    Returns:
-        ``{"n", "exact_match" (None when ``generate`` is False), "tf_exact_match",
-        "answer_loss", "predictions": [first keep_predictions {prompt, answer, prediction}]}``.
-    """
-    if not examples:
-        raise ValueError("evaluation needs at least one example")
-    loss, tf_em, _ = teacher_forced_metrics(model, tokenizer, examples, batch_size, max_len)
-    result: dict[str, Any] = {
-        "n": len(examples),
-        "exact_match": None,
-        "tf_exact_match": tf_em,
-        "answer_loss": loss,
-    }
-    if generate:
-        budget = max_new_tokens or (max(len(tokenizer.encode(ex.answer)) for ex in examples) + 4)
-        preds = greedy_answers(
-            model, tokenizer, [ex.prompt for ex in examples], budget, batch_size, max_len
-        )
-        hits = [
-            normalize_answer(p, normalize) == normalize_answer(ex.answer, normalize)
-            for p, ex in zip(preds, examples)
-        ]
-        result["exact_match"] = sum(hits) / len(hits)
-        result["predictions"] = [
-            {"prompt": ex.prompt, "answer": ex.answer, "prediction": p}
-            for ex, p in list(zip(examples, preds))[:keep_predictions]
-        ]
-    return result
+MaskerFactory = Callable[[nn.Module, torch.optim.Optimizer], SFTMasker | None]
+"""``factory(model, optimizer) -> masker``: called once, after the optimizer is built (MIGU's
+``freeze_masked_rows`` hooks the optimizer's step)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,10 +252,91 @@ def _batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
         pending = pending[batch_size:]
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _check_masker(cfg: SFTConfig, masker: MaskerFactory | None) -> None:
+    if cfg.method != "plain" and masker is None:
+        raise ValueError(
+            f"the config asks for {cfg.method} gradient masking but finetune got no masker; "
+            "pass masker=rmoe.continual.masking.masker_factory(cfg)"
+        )
+
+
+@dataclass
+class _Loop:
+    """What every step of one :func:`finetune` call shares."""
+
+    model: nn.Module
+    cfg: SFTConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[nn.Parameter]
+    masker: SFTMasker | None
+    amp: torch.dtype | None
+    device: torch.device
+
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> tuple[dict[str, Any], Any]:
+        """One optimizer step on ``batch``; returns ``(record, model output)``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        scope = (
+            nullcontext()
+            if self.masker is None
+            else self.masker.token_mask(batch["attention_mask"])
+        )
+        with scope:
+            with torch.autocast(self.device.type, self.amp) if self.amp else nullcontext():
+                out = self.model(**batch)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise ValueError(f"fine-tuning loss is {loss.item()} at step {step}; lower --lr")
+            loss.backward()
+        apply_update(self.optimizer, self.scheduler, self.params, self.cfg.grad_clip, self.masker)
+        lm = getattr(out, "lm_loss", None)
+        rec = {
+            "loss": float(loss.detach()),
+            "answer_loss": float((lm if lm is not None else loss).detach()),
+        }
+        return rec, out
+
+
+def _evaluate(
+    result: SFTResult,
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example] | None,
+    cfg: SFTConfig,
+    step: int,
+) -> None:
+    """Evaluate ``examples`` (if any) and record the result at ``step`` in ``result``."""
+    if not examples:
+        return
+    res = evaluate_examples(
+        model,
+        tokenizer,
+        examples,
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        normalize=cfg.normalize,
+        max_len=cfg.max_len,
+        generate=cfg.generate,
+        keep_predictions=20,
+    )
+    result.evals.append({"step": step, **{k: v for k, v in res.items() if k != "predictions"}})
+    result.final_eval = {"step": step, **res}
+    log.info(
+        "step %d: exact match %s, answer loss %.4f",
+        step,
+        fmt_number(res["exact_match"], ".3f"),
+        res["answer_loss"],
+    )
+
+
+def _record(result: SFTResult, rec: dict[str, Any], out: Any, step: int) -> None:
+    """Append one step's losses (and GW token count) to ``result``."""
+    result.losses.append(rec["loss"])
+    result.answer_losses.append(rec["answer_loss"])
+    if result.gw_tokens is not None:
+        rec["gw_tokens"] = int(getattr(out, "gw_tokens", 0) or 0)
+        result.gw_tokens.append(rec["gw_tokens"])
+    result.steps = step
 
 
 def finetune(
@@ -623,6 +346,7 @@ def finetune(
     eval_examples: Sequence[Example] | None = None,
     cfg: SFTConfig | None = None,
     *,
+    masker: MaskerFactory | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> SFTResult:
     """Fine-tune ``model`` in place on prompt -> answer examples (loss on answers only).
@@ -635,6 +359,8 @@ def finetune(
         train_examples: the training set.
         eval_examples: evaluated every ``cfg.eval_every`` steps and at the end, if given.
         cfg: options (default :class:`SFTConfig`).
+        masker: builds the gradient masker from ``(model, optimizer)`` (see :class:`SFTMasker`);
+            required when ``cfg`` asks for masking.
         on_step: called as ``on_step(step, record)`` after each optimizer step.
 
     Returns:
@@ -642,9 +368,10 @@ def finetune(
     """
     cfg = cfg or SFTConfig()
     cfg.validate()
+    _check_masker(cfg, masker)
     if not train_examples:
         raise ValueError("fine-tuning needs at least one training example")
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     steps = cfg.steps or math.ceil(cfg.epochs * len(train_examples) / cfg.batch_size)
     t0 = time.perf_counter()
@@ -652,22 +379,18 @@ def finetune(
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     frozen = freeze_router(model) if cfg.freeze_router else []
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.999),
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
+    loop = _Loop(
+        model,
+        cfg,
+        optimizer,
+        scheduler,
+        params,
+        masker(model, optimizer) if masker is not None else None,
+        autocast_dtype(cfg.dtype, device),
+        device,
     )
-    warm = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if warm and s < warm else 1.0
-    )
-    masker = build_masker(model, cfg, optimizer)
-    amp = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     encoded = [encode_example(tokenizer, ex, cfg.max_len) for ex in train_examples]
     order = _batches(len(encoded), cfg.batch_size, cfg.seed)
     result = SFTResult(
@@ -678,29 +401,6 @@ def finetune(
         config=cfg.to_dict(),
     )
 
-    def run_eval(step: int) -> None:
-        if not eval_examples:
-            return
-        res = evaluate_examples(
-            model,
-            tokenizer,
-            eval_examples,
-            batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            normalize=cfg.normalize,
-            max_len=cfg.max_len,
-            generate=cfg.generate,
-            keep_predictions=20,
-        )
-        result.evals.append({"step": step, **{k: v for k, v in res.items() if k != "predictions"}})
-        result.final_eval = {"step": step, **res}
-        log.info(
-            "step %d: exact match %s, answer loss %.4f",
-            step,
-            "n/a" if res["exact_match"] is None else f"{res['exact_match']:.3f}",
-            res["answer_loss"],
-        )
-
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)  # GW's random control draws from the global generator
     model.train()
@@ -708,52 +408,20 @@ def finetune(
         with gw_training(model, cfg.gw_threshold, cfg.gw_max_tokens_per_seq, cfg.gw_random):
             for step in range(1, steps + 1):
                 batch = collate([encoded[i] for i in next(order)], tokenizer.pad_id, device)
-                optimizer.zero_grad(set_to_none=True)
-                if masker is not None:
-                    masker.set_token_mask(batch["attention_mask"])
-                ctx = torch.autocast(device.type, amp) if amp else _null()
-                with ctx:
-                    out = model(**batch)
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"fine-tuning loss is {loss.item()} at step {step}; lower --lr"
-                    )
-                loss.backward()
-                if masker is not None:
-                    masker.apply_()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                lm = getattr(out, "lm_loss", None)
-                rec = {
-                    "loss": float(loss.detach()),
-                    "answer_loss": float((lm if lm is not None else loss).detach()),
-                }
-                result.losses.append(rec["loss"])
-                result.answer_losses.append(rec["answer_loss"])
-                if result.gw_tokens is not None:
-                    rec["gw_tokens"] = int(getattr(out, "gw_tokens", 0) or 0)
-                    result.gw_tokens.append(rec["gw_tokens"])
-                result.steps = step
+                rec, out = loop.step(batch, step)
+                _record(result, rec, out, step)
                 if on_step is not None:
                     on_step(step, rec)
                 if step % cfg.log_every == 0:
                     log.info("step %d/%d: loss %.4f", step, steps, rec["loss"])
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
-                    run_eval(step)
+                    _evaluate(result, model, tokenizer, eval_examples, cfg, step)
     finally:
-        if masker is not None:
-            masker.remove()
+        if loop.masker is not None:
+            loop.masker.remove()
         torch.random.set_rng_state(torch_state)
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(name, True))
-    run_eval(result.steps)
+    _evaluate(result, model, tokenizer, eval_examples, cfg, result.steps)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
