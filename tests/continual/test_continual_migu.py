@@ -431,6 +431,16 @@ def test_targets_by_glob_and_predicate() -> None:
         MIGU(model, targets=["nothing*"])
 
 
+def test_arguments_after_ratio_are_keyword_only() -> None:
+    model = TinyMLP()
+    with pytest.raises(TypeError):
+        MIGU(model, 0.7, ["fc2"])  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        RandomMask(model, 0.7, 3)  # type: ignore[misc]
+    assert MIGU(model, 0.7, targets=["fc2"]).covered == ["fc2"]
+    assert RandomMask(model, 0.7, seed=3, targets=["fc1"]).covered == ["fc1"]
+
+
 def test_errors_name_the_problem() -> None:
     model = TinyMLP()
     with pytest.raises(ValueError, match="ratio"):

@@ -424,7 +424,7 @@ def _take_until(order: Sequence[int], sizes: Sequence[int], budget: int) -> list
 
 
 def _tokenizer_dir(init_from: str | Path) -> Path | None:
-    from rmoe.training import find_model_dir
+    from rmoe.loading import find_model_dir
 
     for cand in (find_model_dir(init_from), Path(init_from)):
         if (cand / "tokenizer.json").is_file():
@@ -555,9 +555,9 @@ def _build(
             raise ValueError(
                 "--select perplexity scores documents with the starting model: pass --init-from RUN"
             )
-        from rmoe.training.evaluation import load_model_and_tokenizer
+        from rmoe.loading import load_model
 
-        model, tok, _ = load_model_and_tokenizer(init_from, device="cpu")
+        model, tok, _ = load_model(init_from, device="cpu")
         scores = perplexity_scores(model, tok, pool, seq_len=cfg.data.seq_len)
         del model
     rng = random.Random(options.seed)

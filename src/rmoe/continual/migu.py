@@ -233,8 +233,8 @@ class _RowMasker:
         self,
         model: nn.Module,
         ratio: float = 0.7,
-        targets: TargetSpec = None,
         *,
+        targets: TargetSpec = None,
         enabled: bool = True,
         mask_bias: bool = True,
         skip_frozen: bool = True,
@@ -657,6 +657,8 @@ class _RowMasker:
 class MIGU(_RowMasker):
     """Magnitude-based gradient updating: keep the gradient rows with the largest outputs.
 
+    Every argument after ``ratio`` is keyword-only.
+
     Args:
         model: any ``nn.Module``; the hooks are placed on its submodules at construction.
         ratio: fraction of rows masked per layer (and per expert); 0.7 updates the top 30%.
@@ -682,9 +684,9 @@ class MIGU(_RowMasker):
         self,
         model: nn.Module,
         ratio: float = 0.7,
+        *,
         targets: TargetSpec = None,
         norm: str = "l1",
-        *,
         enabled: bool = True,
         mask_bias: bool = True,
         skip_frozen: bool = True,
@@ -704,7 +706,7 @@ class MIGU(_RowMasker):
         super().__init__(
             model,
             ratio,
-            targets,
+            targets=targets,
             enabled=enabled,
             mask_bias=mask_bias,
             skip_frozen=skip_frozen,
@@ -759,7 +761,8 @@ class MIGU(_RowMasker):
 class RandomMask(_RowMasker):
     """Control for MIGU: mask uniformly random rows, the same number per layer (and expert).
 
-    Same constructor and methods as :class:`MIGU` minus ``norm``; installs no forward hooks
+    Same constructor and methods as :class:`MIGU` minus ``norm`` plus ``seed`` (keyword-only,
+    like every argument after ``ratio``); installs no forward hooks
     (``set_token_mask`` and expert ``record`` functions are accepted and ignored). Every covered
     weight with a gradient is masked at each :meth:`apply_`; masks are redrawn per call from a
     private ``torch.Generator`` seeded with ``seed``.
@@ -771,9 +774,9 @@ class RandomMask(_RowMasker):
         self,
         model: nn.Module,
         ratio: float = 0.7,
+        *,
         seed: int = 0,
         targets: TargetSpec = None,
-        *,
         enabled: bool = True,
         mask_bias: bool = True,
         skip_frozen: bool = True,
@@ -784,7 +787,7 @@ class RandomMask(_RowMasker):
         super().__init__(
             model,
             ratio,
-            targets,
+            targets=targets,
             enabled=enabled,
             mask_bias=mask_bias,
             skip_frozen=skip_frozen,
