@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rmoe.continual.metrics import _new_figure, stability_gap
+from rmoe.continual.metrics import new_figure, stability_gap
 
 __all__ = [
     "compare_gap_reports",
@@ -254,7 +254,7 @@ def _label_order(label: str) -> tuple[int, str]:
 
 def _plot(reports: dict[str, dict[str, Any]], path: Path) -> None:
     labels = sorted({lb for r in reports.values() for lb in r["curves"]}, key=_label_order)
-    fig = _new_figure((5.2 * len(labels), 3.8))
+    fig = new_figure((5.2 * len(labels), 3.8))
     axes = fig.subplots(1, len(labels), squeeze=False)[0]
     for ax, label in zip(axes, labels):
         for name, report in reports.items():

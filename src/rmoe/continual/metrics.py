@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rmoe.formatting import fmt_number
+
 __all__ = [
     "ContinualMetrics",
     "StabilityGap",
@@ -49,6 +51,7 @@ __all__ = [
     "continual_metrics",
     "forgetting",
     "forward_transfer",
+    "new_figure",
     "plot_stability_curves",
     "stability_gap",
     "write_accuracy_matrix",
@@ -258,10 +261,6 @@ def _task_names(t: int, task_names: Sequence[str] | None) -> list[str]:
     return names
 
 
-def _fmt(x: float | None, digits: int) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
 def accuracy_markdown(
     acc: ArrayLike, task_names: Sequence[str] | None = None, *, digits: int = 3
 ) -> str:
@@ -269,6 +268,7 @@ def accuracy_markdown(
     a = _matrix(acc)
     names = _task_names(a.shape[0], task_names)
     m = continual_metrics(a)
+    spec = f".{digits}f"
     lines = [
         "| after stage | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
@@ -278,15 +278,16 @@ def accuracy_markdown(
         lines.append(f"| {i} ({names[i]}) | {cells} |")
     lines += [
         "",
-        f"- average accuracy (AA): {_fmt(m.average_accuracy, digits)}",
-        f"- backward transfer (BWT): {_fmt(m.backward_transfer, digits)}",
-        f"- forgetting (F): {_fmt(m.forgetting, digits)}",
+        f"- average accuracy (AA): {fmt_number(m.average_accuracy, spec)}",
+        f"- backward transfer (BWT): {fmt_number(m.backward_transfer, spec)}",
+        f"- forgetting (F): {fmt_number(m.forgetting, spec)}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _new_figure(size: tuple[float, float]):  # -> matplotlib.figure.Figure
-    """A figure on the Agg canvas, without pyplot (no global backend or figure state)."""
+def new_figure(size: tuple[float, float]):  # -> matplotlib.figure.Figure
+    """A figure on the Agg canvas, without pyplot (no global backend or figure state); the
+    accuracy-matrix and stability-curve plots here and :mod:`rmoe.continual.gap` draw on it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -329,7 +330,7 @@ def write_accuracy_matrix(
     paths["markdown"].write_text(header + accuracy_markdown(a, names))
 
     t = a.shape[0]
-    fig = _new_figure((1.2 + 0.9 * t, 1.0 + 0.8 * t))
+    fig = new_figure((1.2 + 0.9 * t, 1.0 + 0.8 * t))
     ax = fig.subplots()
     image = ax.imshow(a, cmap="viridis", aspect="equal")
     fig.colorbar(image, ax=ax, label="accuracy")
@@ -343,7 +344,8 @@ def write_accuracy_matrix(
             color = "black" if a[i, j] > mid else "white"
             ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", color=color, fontsize=8)
     ax.set_title(
-        title or f"AA={metrics.average_accuracy:.3f}  BWT={_fmt(metrics.backward_transfer, 3)}"
+        title
+        or f"AA={metrics.average_accuracy:.3f}  BWT={fmt_number(metrics.backward_transfer, '.3f')}"
     )
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=120)
@@ -373,7 +375,7 @@ def plot_stability_curves(
         raise ValueError("plot_stability_curves needs at least one curve {label: (steps, values)}")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig = _new_figure((6.4, 4.0))
+    fig = new_figure((6.4, 4.0))
     ax = fig.subplots()
     for label, (steps, values) in curves.items():
         s, v = _curve(steps, values)
