@@ -24,9 +24,9 @@ Usage::
 
     migu = MIGU(model, ratio=0.7)                     # hooks every trainable nn.Linear
     for micro_batch in step_batches:                  # gradient accumulation is fine
-        migu.set_token_mask(micro_batch["attention_mask"])   # optional: exclude padding
-        loss = model(**micro_batch).loss / len(step_batches)
-        scaler.scale(loss).backward()
+        with migu.token_mask(micro_batch["attention_mask"]):  # optional: exclude padding
+            loss = model(**micro_batch).loss / len(step_batches)
+            scaler.scale(loss).backward()
     scaler.unscale_(opt)                              # if a GradScaler is used
     migu.apply_()                                     # mask .grad, reset the accumulators
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # clip norms see masked grads
@@ -71,33 +71,14 @@ step post-hook. The rows then stay bit-exactly still. The optimizer state is not
 moments of masked rows still decay (``m <- beta1 * m``, ``v <- beta2 * v``) and Adam's step count
 advances, as they would under plain gradient masking.
 
-Expert weights (3-D). A module that stores its experts as ``[E, ...]`` Parameters (not
-``nn.Linear``) plugs in without importing this module, through a *probe*: a child module with
-attributes
-
-- ``migu_param: str`` -- name of the Parameter on the probe's parent module, shape
-  ``[E, F_out, D_in]`` (``migu_out_dim = 1``) or ``[E, D_in, F_out]`` (``migu_out_dim = 2``);
-- ``migu_out_dim: int`` -- 1 or 2, the dimension of that Parameter that indexes output units;
-- ``migu_bias: str | None`` (optional) -- name of an ``[E, F_out]`` bias Parameter on the parent,
-
-which the parent calls in its forward as ``h = probe(h, expert_ids, token_index)`` with
-
-- ``h``: ``[n, F_out]`` -- the outputs of that weight for the ``n`` dispatched (token, expert)
-  rows, before any activation; or ``[E, C, F_out]`` (per-expert batches, ``expert_ids=None``);
-- ``expert_ids``: ``[n]`` long in ``[0, E)`` -- the expert of each row;
-- ``token_index``: ``[n]`` long in ``[0, B*T)`` or ``None`` -- the flattened token of each row,
-  used only to look up the token mask (without it, every row counts).
-
-The probe returns ``h`` unchanged; :class:`ExpertOutputProbe` (defined in
-``rmoe.modeling.experts``) is the reference implementation. rmoe's ``Experts`` owns three
-(``gate_probe``, ``up_probe``, ``down_probe``) and calls them from every dispatch backend on the
-rows it actually computed, so MIGU covers rmoe's expert weights with no extra work: the statistic
-costs an ``abs``, a row sum and an ``index_add_`` per weight, not a recomputation. MIGU hooks every probe it finds and masks, per expert ``e``, the rows ``W[e, i, :]``
-(``out_dim=1``) or the columns ``W[e, :, i]`` (``out_dim=2``) of output units ``i`` whose average
-magnitude over the tokens routed to ``e`` is below expert ``e``'s quantile. For modules that cannot
-be edited, :meth:`MIGU.register_expert_weight` registers a Parameter with a ``capture_fn`` that
-extracts ``(h, expert_ids[, token_index])`` from a forward hook's ``(module, args, output)``, or
-returns a ``record`` function to call by hand.
+Expert weights (3-D). rmoe's ``Experts`` (and any module exposing a *probe*, the contract in
+:mod:`rmoe.continual.migu_stats`) are covered with no extra work: MIGU hooks every probe it
+finds and masks, per expert ``e``, the rows ``W[e, i, :]`` (``out_dim=1``) or the columns
+``W[e, :, i]`` (``out_dim=2``) of output units ``i`` whose average magnitude over the tokens
+routed to ``e`` is below expert ``e``'s quantile. For modules that cannot be edited,
+:meth:`MIGU.register_expert_weight` registers a Parameter with a ``capture_fn`` that extracts
+``(h, expert_ids[, token_index])`` from a forward hook's ``(module, args, output)``, or returns a
+``record`` function to call by hand.
 
 Caveats: forwards run with gradients disabled (``torch.no_grad``, ``inference_mode``) are not
 accumulated, so evaluation does not pollute the statistic; activation checkpointing re-runs the
@@ -122,32 +103,32 @@ FSDP-sharded gradients (DTensor) are untested.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from rmoe.continual.migu_stats import (
+    NORMS,
+    CaptureFn,
+    CoveredWeight,
+    TargetSpec,
+    accumulate_dense,
+    accumulate_expert,
+    expert_weight,
+    find_weights,
+    matches,
+    sum_over_processes,
+)
 from rmoe.modeling.experts import ExpertOutputProbe
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MIGU", "ExpertOutputProbe", "RandomMask", "num_kept_rows"]
-
-TargetSpec = Callable[[str, nn.Module], bool] | Sequence[str] | str | None
-"""Which layers to cover: a predicate ``(name, module) -> bool``, glob pattern(s) on the name, or
-``None`` for all. ``name`` is the module name for ``nn.Linear`` layers and the full parameter name
-(e.g. ``"layers.0.moe.experts.w1"``) for expert weights."""
-
-CaptureFn = Callable[[nn.Module, tuple, object], tuple]
-"""``capture_fn(module, args, output) -> (h, expert_ids) | (h, expert_ids, token_index)``."""
-
-_NORMS = ("l1", "raw")
 
 
 def num_kept_rows(n: int, ratio: float) -> int:
@@ -162,65 +143,6 @@ def num_kept_rows(n: int, ratio: float) -> int:
         raise ValueError(f"ratio must be in [0, 1] (the masked fraction), got {ratio}")
     # The small epsilon keeps e.g. 0.7 * 10 = 7.000000000000001 from rounding up to 8.
     return n - math.ceil(ratio * (n - 1) - 1e-9)
-
-
-@dataclass
-class _Target:
-    """One covered weight: a ``[F_out, D_in]`` linear weight or an ``[E, ...]`` expert weight."""
-
-    name: str
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    out_dim: int  # dimension of ``weight`` that indexes output units
-    acc: Tensor | None = None  # float32 [F_out] or [E, F_out]: summed token magnitudes
-    count: Tensor | None = None  # float32 [] or [E]: tokens accumulated
-    seen: bool = False  # whether a forward fed the accumulators since the last reset
-
-    @property
-    def is_expert(self) -> bool:
-        return self.weight.dim() == 3
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[self.out_dim]
-
-    @property
-    def num_experts(self) -> int:
-        return self.weight.shape[0] if self.is_expert else 1
-
-    def mask_shape(self) -> tuple[int, ...]:
-        """``[F_out]`` for a linear weight, ``[E, F_out]`` for an expert weight."""
-        if self.is_expert:
-            return (self.num_experts, self.out_features)
-        return (self.out_features,)
-
-    def weight_view(self, keep: Tensor) -> Tensor:
-        """Reshape a ``mask_shape()`` mask so that it broadcasts against ``weight``."""
-        if not self.is_expert:
-            return keep.unsqueeze(1)  # [F_out, 1]
-        if self.out_dim == 1:
-            return keep.unsqueeze(2)  # [E, F_out, 1]
-        return keep.unsqueeze(1)  # [E, 1, F_out]
-
-    def reset(self) -> None:
-        if self.acc is not None:
-            self.acc.zero_()
-            self.count.zero_()
-        self.seen = False
-
-
-def _abs_f32(x: Tensor) -> Tensor:
-    """``|x|`` in float32 (``abs`` is exact in any float dtype, so take it before casting)."""
-    return x.abs().to(torch.float32)
-
-
-def _matches(spec: TargetSpec, name: str, module: nn.Module) -> bool:
-    if spec is None:
-        return True
-    if callable(spec):
-        return bool(spec(name, module))
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 class _RowMasker:
@@ -259,7 +181,7 @@ class _RowMasker:
         self.mask_bias = bool(mask_bias)
         self.freeze_masked_rows = bool(freeze_masked_rows)
         self.last_masks: dict[str, Tensor] = {}
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[str, CoveredWeight] = {}
         self._handles: list[RemovableHandle] = []
         self._snapshot: list[tuple[Tensor, Tensor, Tensor]] = []
         self._token_mask: Tensor | None = None
@@ -280,60 +202,24 @@ class _RowMasker:
     def _keep(self, name: str, module: nn.Module, weight: Tensor) -> bool:
         if self._skip_frozen and not weight.requires_grad:
             return False
-        return _matches(self._target_spec, name, module)
+        return matches(self._target_spec, name, module)
 
     def _discover(self) -> None:
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
-                if name in self._targets or not self._keep(name, module, module.weight):
-                    continue
-                target = _Target(name, module.weight, module.bias, out_dim=0)
-                self._targets[name] = target
-                if self._needs_stats:
-                    self._handles.append(module.register_forward_hook(self._linear_hook(target)))
-            elif hasattr(module, "migu_param") and hasattr(module, "migu_out_dim"):
-                parent_name = name.rpartition(".")[0]
-                parent = self.model.get_submodule(parent_name)
-                pname = f"{parent_name}.{module.migu_param}" if parent_name else module.migu_param
-                weight = getattr(parent, module.migu_param, None)
-                if not isinstance(weight, nn.Parameter):
-                    raise ValueError(
-                        f"expert probe {name!r} names migu_param={module.migu_param!r}, which is "
-                        f"not a Parameter of its parent module {parent_name!r}; fix: set "
-                        "migu_param to the attribute name of the [E, ...] expert weight"
-                    )
-                bias_name = getattr(module, "migu_bias", None)
-                bias = getattr(parent, bias_name) if bias_name else None
-                if not self._keep(pname, parent, weight):
-                    continue
-                target = self._make_expert_target(pname, weight, module.migu_out_dim, bias)
+        for target, module in find_weights(self.model, self._keep):
+            if target.is_expert:
+                self._add_expert(target)
                 if self._needs_stats:
                     hook = self._probe_hook(target)
                     self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            elif target.name not in self._targets:
+                self._targets[target.name] = target
+                if self._needs_stats:
+                    self._handles.append(module.register_forward_hook(self._linear_hook(target)))
 
-    def _make_expert_target(
-        self, name: str, weight: nn.Parameter, out_dim: int, bias: nn.Parameter | None
-    ) -> _Target:
-        if weight.dim() != 3:
-            raise ValueError(
-                f"expert weight {name!r} must be 3-D [E, F_out, D_in] or [E, D_in, F_out], "
-                f"got shape {tuple(weight.shape)}; fix: register 2-D weights as nn.Linear"
-            )
-        if out_dim not in (1, 2):
-            raise ValueError(
-                f"expert weight {name!r}: out_dim must be 1 ([E, F_out, D_in]) or "
-                f"2 ([E, D_in, F_out]), got {out_dim}"
-            )
-        target = _Target(name, weight, bias, out_dim=out_dim)
-        if bias is not None and tuple(bias.shape) != target.mask_shape():
-            raise ValueError(
-                f"expert bias of {name!r} must have shape [E, F_out]={target.mask_shape()}, "
-                f"got {tuple(bias.shape)}"
-            )
-        if name in self._targets:
-            raise ValueError(f"expert weight {name!r} is already covered; register it once")
-        self._targets[name] = target
-        return target
+    def _add_expert(self, target: CoveredWeight) -> None:
+        if target.name in self._targets:
+            raise ValueError(f"expert weight {target.name!r} is already covered; register it once")
+        self._targets[target.name] = target
 
     def register_expert_weight(
         self,
@@ -373,14 +259,17 @@ class _RowMasker:
                 "register_expert_weight: pass both module and capture_fn (to install a forward "
                 "hook) or neither (and call the returned record function yourself)"
             )
-        target = self._make_expert_target(name, param, out_dim, bias)
+        target = expert_weight(name, param, out_dim, bias)
+        self._add_expert(target)
 
         def record(
             h: Tensor, expert_ids: Tensor | None = None, token_index: Tensor | None = None
         ) -> None:
             if self._needs_stats and self.enabled and torch.is_grad_enabled():
                 with torch.no_grad():
-                    self._accumulate_expert(target, h, expert_ids, token_index)
+                    accumulate_expert(
+                        target, h, expert_ids, token_index, self._token_mask, self._norm
+                    )
 
         if module is not None and capture_fn is not None and self._needs_stats:
 
@@ -391,21 +280,28 @@ class _RowMasker:
             self._handles.append(module.register_forward_hook(hook))
         return record
 
-    def _linear_hook(self, target: _Target) -> Callable[[nn.Module, tuple, Tensor], None]:
+    def _linear_hook(self, target: CoveredWeight) -> Callable[[nn.Module, tuple, Tensor], None]:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self.enabled and torch.is_grad_enabled():
                 with torch.no_grad():
-                    self._accumulate_dense(target, output)
+                    accumulate_dense(target, output, self._token_mask, self._norm)
 
         return hook
 
-    def _probe_hook(self, target: _Target) -> Callable[[nn.Module, tuple, dict, Tensor], None]:
+    def _probe_hook(
+        self, target: CoveredWeight
+    ) -> Callable[[nn.Module, tuple, dict, Tensor], None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             if self.enabled and torch.is_grad_enabled():
                 bound = dict(zip(("h", "expert_ids", "token_index"), args)) | kwargs
                 with torch.no_grad():
-                    self._accumulate_expert(
-                        target, bound["h"], bound.get("expert_ids"), bound.get("token_index")
+                    accumulate_expert(
+                        target,
+                        bound["h"],
+                        bound.get("expert_ids"),
+                        bound.get("token_index"),
+                        self._token_mask,
+                        self._norm,
                     )
 
         return hook
@@ -457,96 +353,11 @@ class _RowMasker:
         finally:
             self._token_mask = previous
 
-    def _mask_for(self, target: _Target, n: int, device: torch.device) -> Tensor | None:
-        mask = self._token_mask
-        if mask is None:
-            return None
-        if mask.numel() != n:
-            raise ValueError(
-                f"token mask has {mask.numel()} tokens but layer {target.name!r} produced {n}; "
-                "fix: set a mask matching this batch's [B, T], clear it with "
-                "set_token_mask(None), or exclude the layer via `targets`"
-            )
-        return mask.to(device)
-
-    # ------------------------------------------------------------------ accumulation
-    def _buffers(self, target: _Target, device: torch.device) -> tuple[Tensor, Tensor]:
-        if target.acc is None or target.acc.device != device:
-            target.acc = torch.zeros(target.mask_shape(), dtype=torch.float32, device=device)
-            count_shape = (target.num_experts,) if target.is_expert else ()
-            target.count = torch.zeros(count_shape, dtype=torch.float32, device=device)
-        target.seen = True
-        return target.acc, target.count
-
-    def _accumulate_dense(self, target: _Target, output: Tensor) -> None:
-        """Add one forward's ``[..., F_out]`` output of a linear layer to its accumulator."""
-        if not isinstance(output, Tensor) or output.shape[-1] != target.out_features:
-            raise ValueError(
-                f"layer {target.name!r}: expected an output tensor [..., {target.out_features}], "
-                f"got {getattr(output, 'shape', type(output).__name__)}"
-            )
-        a = _abs_f32(output.detach().reshape(-1, target.out_features))  # [N, F_out]
-        acc, count = self._buffers(target, a.device)
-        tok = self._mask_for(target, a.shape[0], a.device)  # [N] or None
-        weights = tok
-        if self._norm == "l1":
-            inv = a.sum(dim=1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
-            weights = inv if weights is None else inv * weights
-        if weights is None:
-            acc += a.sum(dim=0)
-        else:
-            acc.addmv_(a.t(), weights)
-        count += a.shape[0] if tok is None else tok.sum()
-
-    def _accumulate_expert(
-        self,
-        target: _Target,
-        h: Tensor,
-        expert_ids: Tensor | None,
-        token_index: Tensor | None,
-    ) -> None:
-        """Add ``[n, F_out]`` expert outputs (rows tagged by ``expert_ids``) to ``[E, F_out]``."""
-        num_experts, f_out = target.num_experts, target.out_features
-        if h.dim() == 3:
-            if h.shape[0] != num_experts or h.shape[2] != f_out or expert_ids is not None:
-                raise ValueError(
-                    f"expert weight {target.name!r}: per-expert outputs must be "
-                    f"[E={num_experts}, C, F_out={f_out}] with expert_ids=None, got "
-                    f"{tuple(h.shape)}"
-                )
-            expert_ids = torch.arange(num_experts, device=h.device).repeat_interleave(h.shape[1])
-            h = h.reshape(-1, f_out)
-        if h.dim() != 2 or h.shape[1] != f_out or expert_ids is None:
-            raise ValueError(
-                f"expert weight {target.name!r}: expected h [n, F_out={f_out}] with expert_ids "
-                f"[n], got h {tuple(h.shape)} and expert_ids "
-                f"{None if expert_ids is None else tuple(expert_ids.shape)}"
-            )
-        if expert_ids.shape != (h.shape[0],):
-            raise ValueError(
-                f"expert weight {target.name!r}: expert_ids must be [n={h.shape[0]}], got "
-                f"{tuple(expert_ids.shape)}"
-            )
-        a = _abs_f32(h.detach())  # [n, F_out]
-        acc, count = self._buffers(target, a.device)
-        ids = expert_ids.to(device=a.device, dtype=torch.long)
-        tok = None
-        if self._token_mask is not None and token_index is not None:
-            tok = self._token_mask.to(a.device)[token_index.to(a.device, torch.long)]  # [n]
-        weights = tok
-        if self._norm == "l1":
-            inv = a.sum(dim=1).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_()
-            weights = inv if weights is None else inv * weights
-        if weights is not None:
-            a.mul_(weights.unsqueeze(1))  # a is a fresh tensor (abs), safe to scale in place
-        acc.index_add_(0, ids, a)
-        count.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32) if tok is None else tok)
-
     def _sync_stats(self) -> None:
         """Combine the statistics of data-parallel processes before masking (MIGU overrides)."""
 
     # ------------------------------------------------------------------ masking
-    def _keep_mask(self, target: _Target) -> Tensor | None:
+    def _keep_mask(self, target: CoveredWeight) -> Tensor | None:
         """Bool ``mask_shape()`` tensor of rows to keep, or ``None`` to leave the weight alone."""
         raise NotImplementedError
 
@@ -697,9 +508,9 @@ class MIGU(_RowMasker):
     ) -> None:
         self.sync = bool(sync)
         self._process_group = process_group
-        if norm not in _NORMS:
+        if norm not in NORMS:
             raise ValueError(
-                f"norm must be one of {_NORMS} ('l1': paper, per-token L1-normalised; "
+                f"norm must be one of {NORMS} ('l1': paper, per-token L1-normalised; "
                 f"'raw': released code, summed |h|), got {norm!r}"
             )
         self._norm = norm
@@ -718,41 +529,12 @@ class MIGU(_RowMasker):
     def norm(self) -> str:
         return self._norm
 
-    @torch.no_grad()
     def _sync_stats(self) -> None:
-        """Sum every target's accumulator, token count and seen flag over the processes.
+        """Sum the statistics over the data-parallel processes (see :func:`sum_over_processes`)."""
+        if self.sync:
+            sum_over_processes(list(self._targets.values()), self._process_group)
 
-        One ``all_reduce`` of one flat float32 tensor on the first covered weight's device. Every
-        process holds the same targets in the same order (same model), so the layout matches.
-        """
-        if not self.sync:
-            return
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_world_size(self._process_group) < 2:
-            return
-        targets = list(self._targets.values())
-        device = targets[0].weight.device
-        parts: list[Tensor] = []
-        seen = [t.seen for t in targets]
-        for t in targets:
-            acc, count = self._buffers(t, t.acc.device if t.acc is not None else device)
-            parts += [acc.reshape(-1).to(device), count.reshape(-1).to(device)]
-        parts.append(torch.tensor(seen, dtype=torch.float32, device=device))
-        flat = torch.cat(parts)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._process_group)
-        offset = 0
-        for t in targets:
-            for buf in (t.acc, t.count):
-                n = buf.numel()
-                buf.copy_(flat[offset : offset + n].view_as(buf))
-                offset += n
-        for t, any_seen in zip(targets, flat[offset:].tolist(), strict=True):
-            t.seen = any_seen > 0
-
-    def _keep_mask(self, target: _Target) -> Tensor | None:
+    def _keep_mask(self, target: CoveredWeight) -> Tensor | None:
         if not target.seen or target.acc is None:
             return None  # no forward this step: its gradient is zero or stale; leave it alone
         return self._topk_mask(target.acc)
@@ -795,6 +577,6 @@ class RandomMask(_RowMasker):
             optimizer=optimizer,
         )
 
-    def _keep_mask(self, target: _Target) -> Tensor:
+    def _keep_mask(self, target: CoveredWeight) -> Tensor:
         scores = torch.rand(target.mask_shape(), generator=self._generator)
         return self._topk_mask(scores)
