@@ -11,11 +11,7 @@ from rmoe.continual.cpt import (
     CPTOptions,
     chunk_documents,
     materialize_corpus,
-    ngram_scores,
-    perplexity_scores,
     prepare_continual_pretraining,
-    reference_texts,
-    tfidf_scores,
 )
 from rmoe.continual.gap import (
     compare_gap_reports,
@@ -25,6 +21,12 @@ from rmoe.continual.gap import (
     max_rebound,
     read_eval_curves,
     write_gap_report,
+)
+from rmoe.continual.selection import (
+    ngram_scores,
+    perplexity_scores,
+    reference_texts,
+    tfidf_scores,
 )
 from rmoe.data import get_corpus
 from rmoe.training.config import from_dict
