@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rmoe.analysis import routing as R
+from rmoe.analysis.routing import mutual_information as routing_mi
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -132,7 +133,7 @@ def test_binned_mi_chunking_independent(monkeypatch):
     rng = np.random.default_rng(2)
     layers = [_softmax(rng.normal(size=(40, 8)) * 3) for _ in range(2)]
     full = R.binned_mutual_information_matrix(layers)
-    monkeypatch.setattr(R, "_MI_CHUNK_ELEMENTS", 64)  # forces many small chunks
+    monkeypatch.setattr(routing_mi, "_MI_CHUNK_ELEMENTS", 64)  # forces many small chunks
     np.testing.assert_allclose(R.binned_mutual_information_matrix(layers), full)
 
 
