@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from rmoe.cli.finetune import parse_globs
+from rmoe.cli.finetune import add_setting, settings_from_args
+from rmoe.continual.harness import ContinualConfig
+from rmoe.training.sft import SFTConfig
 
 EXAMPLE = """examples:
   # the built-in task sequence (naming -> literal -> statement -> topic), three methods
@@ -77,34 +79,31 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="comma-separated: plain, migu, random-mask, replay, or combinations like "
         "migu+replay (default plain,migu,random-mask)",
     )
-    r.add_argument("--steps-per-task", type=int, default=150, help="optimizer steps per stage")
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--weight-decay", type=float, default=0.0)
-    r.add_argument("--max-len", type=int, default=128, help="tokens per example")
-    r.add_argument("--migu-ratio", type=float, default=0.7, help="masked share (migu, random-mask)")
-    r.add_argument("--migu-norm", choices=["l1", "raw"], default="l1")
-    r.add_argument("--mask-first-task", action="store_true", help="also mask the first stage")
-    r.add_argument(
-        "--mask-targets",
-        type=parse_globs,
-        default=None,
-        metavar="GLOB[,GLOB...]",
+    # run settings: each flag is a field of SFTConfig or ContinualConfig (rmoe.cli.finetune)
+    add_setting(
+        r, SFTConfig, "steps", "--steps-per-task", default=150, help="optimizer steps per stage"
+    )
+    add_setting(r, SFTConfig, "batch_size", default=32)
+    add_setting(r, SFTConfig, "lr", help=None)
+    add_setting(r, SFTConfig, "weight_decay")
+    add_setting(r, SFTConfig, "max_len", default=128, help="tokens per example")
+    add_setting(r, ContinualConfig, "migu_ratio")
+    add_setting(r, ContinualConfig, "migu_norm")
+    add_setting(r, ContinualConfig, "mask_first_task")
+    add_setting(
+        r,
+        SFTConfig,
+        "mask_targets",
         help="weights migu / random-mask cover: glob patterns on module / expert-parameter "
         "names, e.g. '*.experts.*' (default: every nn.Linear and expert weight)",
     )
-    r.add_argument("--replay-size", type=int, default=200, help="replay buffer capacity")
+    add_setting(r, ContinualConfig, "replay_size")
     r.add_argument("--train-per-task", type=int, default=1000, help="training examples per task")
     r.add_argument("--eval-per-task", type=int, default=200, help="evaluation examples per task")
-    r.add_argument(
-        "--metric",
-        choices=["exact_match", "tf_exact_match"],
-        default="exact_match",
-        help="greedy exact match, or teacher-forced (one forward, no generation)",
-    )
-    r.add_argument("--normalize", choices=["squad", "strip", "none"], default="squad")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto")
+    add_setting(r, ContinualConfig, "metric")
+    add_setting(r, SFTConfig, "normalize")
+    add_setting(r, SFTConfig, "seed")
+    add_setting(r, SFTConfig, "device")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
 
     t = cmds.add_parser(
@@ -167,42 +166,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run_sequence(args: argparse.Namespace) -> int:
     import torch
 
-    from rmoe.continual.harness import ContinualConfig, compare_methods, parse_method
+    from rmoe.continual.harness import compare_methods, parse_method
     from rmoe.continual.tasks import DEMO_SEQUENCE, load_task
     from rmoe.loading import load_model
-    from rmoe.training.sft import SFTConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         parse_method(m)
+    sft = SFTConfig(**settings_from_args(args, SFTConfig))
     specs = args.task or [f"builtin:{n}" for n in DEMO_SEQUENCE]
-    tasks = [load_task(s, args.seed, args.train_per_task, args.eval_per_task) for s in specs]
+    tasks = [load_task(s, sft.seed, args.train_per_task, args.eval_per_task) for s in specs]
     for task in tasks:
         print(f"task {task.name}: {len(task.train)} train, {len(task.eval)} eval ({task.source})")
-    cfg = ContinualConfig(
-        sft=SFTConfig(
-            steps=args.steps_per_task,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            max_len=args.max_len,
-            seed=args.seed,
-            normalize=args.normalize,
-            device=args.device,
-            mask_targets=args.mask_targets,
-        ),
-        migu_ratio=args.migu_ratio,
-        migu_norm=args.migu_norm,
-        mask_first_task=args.mask_first_task,
-        replay_size=args.replay_size,
-        metric=args.metric,
-    )
+    cfg = ContinualConfig(sft=sft, **settings_from_args(args, ContinualConfig))
     cfg.validate()
 
     def load():
-        model, tok, _ = load_model(args.model, device=args.device)
+        model, tok, _ = load_model(args.model, device=sft.device)
         return model, tok
 
     def report(method: str, stage: int, info: dict) -> None:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
+
+from rmoe.training.sft import EVAL, MACHINE, MASKING, OPTIM, ROUTING, SFTConfig
 
 EXAMPLE = """examples:
   rmoe finetune runs/tiny-rmoe --data train.jsonl --eval-data test.jsonl --out runs/ft
@@ -34,6 +40,84 @@ def parse_globs(text: str) -> list[str]:
     return patterns
 
 
+# ----------------------------------------------------------------------------------------------
+# Flags generated from the run settings (rmoe.training.sft.Flag on each dataclass field)
+# ----------------------------------------------------------------------------------------------
+def _value_type(hint: Any) -> Any:
+    """The argparse ``type`` of a field annotation: ``X | None`` -> X; ``list[str]`` -> globs."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        return parse_globs
+    return hint
+
+
+def add_setting(parser: Any, cls: type, name: str, flag: str | None = None, **overrides) -> None:
+    """Add the flag of the dataclass field ``cls.name`` to ``parser`` (a parser or group).
+
+    The flag is ``--name-with-dashes`` (or ``flag``); type and default come from the field, help,
+    choices and metavar from its :class:`rmoe.training.sft.Flag`; ``overrides`` replace any
+    argparse keyword (a different default or help for one command). The value lands in
+    ``args.<cls name>.<field>``, read back by :func:`settings_from_args`.
+    """
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    meta = field.metadata.get("flag") if field is not None else None
+    if meta is None:
+        raise ValueError(f"{cls.__name__}.{name} is not a command-line setting (no Flag)")
+    option = flag or "--" + name.replace("_", "-")
+    hint = typing.get_type_hints(cls)[name]
+    kw: dict[str, Any] = {"dest": f"{cls.__name__}.{name}", "default": field.default}
+    if hint is bool:
+        kw["action"] = "store_true"
+    else:
+        kw["type"] = _value_type(hint)
+        if meta.choices:
+            kw["choices"] = list(meta.choices)
+        else:
+            kw["metavar"] = meta.metavar or option.lstrip("-").replace("-", "_").upper()
+    kw["help"] = meta.help
+    kw.update(overrides)
+    parser.add_argument(option, **kw)
+
+
+def add_settings(parser: Any, cls: type, group: str) -> None:
+    """Add the flags of every field of ``cls`` whose Flag is in ``group``, in field order."""
+    for field in dataclasses.fields(cls):
+        meta = field.metadata.get("flag")
+        if meta is not None and meta.group == group:
+            add_setting(parser, cls, field.name)
+
+
+def settings_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """``{field: value}`` of the ``cls`` settings parsed by the flags :func:`add_setting` added."""
+    prefix = f"{cls.__name__}."
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
+
+
+GROUP_TITLES = {
+    OPTIM: "optimisation",
+    ROUTING: "MoE routing (GW-MoE, arXiv 2406.12375)",
+    MASKING: "gradient masking (MIGU, arXiv 2406.17245)",
+    EVAL: "evaluation",
+    MACHINE: "machine",
+}
+"""``rmoe finetune --help`` sections, in order, one per :class:`rmoe.training.sft.Flag` group."""
+
+
+def _add_command_flags(g: Any, group: str) -> None:
+    """The flags of ``rmoe finetune`` in section ``group`` that are not fine-tuning settings."""
+    if group == EVAL:
+        g.add_argument(
+            "--eval-limit", type=int, default=0, help="evaluate at most N examples (0 = all)"
+        )
+        g.add_argument(
+            "--no-eval-before", action="store_true", help="skip the evaluation before training"
+        )
+    elif group == MACHINE:
+        g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune",
@@ -58,72 +142,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output directory (model, tokenizer, finetune.json)"
     )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = --epochs passes)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data if --steps 0")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
-    g.add_argument("--max-len", type=int, default=256, help="tokens per example (prompt cut left)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("MoE routing (GW-MoE, arXiv 2406.12375)")
-    g.add_argument(
-        "--freeze-router", action="store_true", help="no updates to routers and the shared cell"
-    )
-    g.add_argument(
-        "--gw-threshold",
-        type=float,
-        help="broadcast tokens whose normalised router entropy exceeds this to all experts "
-        "(training only)",
-    )
-    g.add_argument("--gw-max-tokens-per-seq", type=int, help="GW cap per sequence")
-    g.add_argument(
-        "--gw-random",
-        action="store_true",
-        help="control: broadcast as many tokens as GW would, chosen at random",
-    )
-    g = p.add_argument_group("gradient masking (MIGU, arXiv 2406.17245)")
-    g.add_argument(
-        "--migu-ratio",
-        type=float,
-        help="mask this share of each layer's rows (0.7 = update top 30%%)",
-    )
-    g.add_argument(
-        "--migu-norm", choices=["l1", "raw"], default="l1", help="l1 = paper, raw = code"
-    )
-    g.add_argument(
-        "--random-mask-ratio", type=float, help="control: mask this share of rows at random"
-    )
-    g.add_argument(
-        "--freeze-masked-rows",
-        action="store_true",
-        help="keep masked rows still through weight decay and Adam momentum",
-    )
-    g.add_argument(
-        "--mask-targets",
-        type=parse_globs,
-        default=None,
-        metavar="GLOB[,GLOB...]",
-        help="weights the mask covers: glob patterns on module / expert-parameter names, e.g. "
-        "'*.experts.*,*.attn.*' (default: every nn.Linear and expert weight)",
-    )
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = end)")
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--max-new-tokens", type=int, default=0, help="0 = longest answer + 4")
-    g.add_argument("--normalize", choices=["squad", "strip", "none"], default="squad")
-    g.add_argument(
-        "--eval-limit", type=int, default=0, help="evaluate at most N examples (0 = all)"
-    )
-    g.add_argument(
-        "--no-eval-before", action="store_true", help="skip the evaluation before training"
-    )
-    g = p.add_argument_group("machine")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    for key, title in GROUP_TITLES.items():
+        g = p.add_argument_group(title)
+        add_settings(g, SFTConfig, key)
+        _add_command_flags(g, key)
     return p
 
 
@@ -151,49 +173,24 @@ def run(args: argparse.Namespace) -> int:
     from rmoe.continual.masking import masker_factory
     from rmoe.data.examples import load_examples
     from rmoe.loading import load_model
-    from rmoe.training.sft import SFTConfig, finetune
+    from rmoe.training.sft import finetune
     from rmoe.training.sft_eval import evaluate_examples
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = SFTConfig(
-        steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip,
-        max_len=args.max_len,
-        seed=args.seed,
-        freeze_router=args.freeze_router,
-        gw_threshold=args.gw_threshold,
-        gw_max_tokens_per_seq=args.gw_max_tokens_per_seq,
-        gw_random=args.gw_random,
-        migu_ratio=args.migu_ratio,
-        migu_norm=args.migu_norm,
-        random_mask_ratio=args.random_mask_ratio,
-        freeze_masked_rows=args.freeze_masked_rows,
-        mask_targets=args.mask_targets,
-        eval_every=args.eval_every,
-        eval_batch_size=args.eval_batch_size,
-        max_new_tokens=args.max_new_tokens,
-        normalize=args.normalize,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    cfg = SFTConfig(**settings_from_args(args, SFTConfig))
     cfg.validate()
-    if (args.gw_random or args.gw_max_tokens_per_seq) and args.gw_threshold is None:
+    if (cfg.gw_random or cfg.gw_max_tokens_per_seq) and cfg.gw_threshold is None:
         raise ValueError("--gw-random / --gw-max-tokens-per-seq need --gw-threshold")
     train = load_examples(args.data, args.prompt_field, args.answer_field)
     if args.eval_data:
         evals = load_examples(args.eval_data, args.prompt_field, args.answer_field)
     else:
-        train, evals = _split(train, args.holdout, args.seed)
+        train, evals = _split(train, args.holdout, cfg.seed)
     if args.eval_limit:
         evals = evals[: args.eval_limit]
-    model, tokenizer, _ = load_model(args.model, device=args.device)
+    model, tokenizer, _ = load_model(args.model, device=cfg.device)
     before = None
     if not args.no_eval_before:
         before = evaluate_examples(

@@ -52,7 +52,7 @@ from rmoe.continual.metrics import ContinualMetrics, continual_metrics, write_ac
 from rmoe.continual.tasks import Task
 from rmoe.data.examples import Example
 from rmoe.formatting import fmt_number
-from rmoe.training.sft import SFTConfig, finetune
+from rmoe.training.sft import MIGU_NORMS, Flag, SFTConfig, finetune, setting
 from rmoe.training.sft_eval import evaluate_examples
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,10 @@ __all__ = [
 
 METHODS: tuple[str, ...] = ("plain", "migu", "random-mask", "replay")
 """Method components; combine with ``+`` (``migu+replay``)."""
+METRICS: tuple[str, ...] = ("exact_match", "tf_exact_match")
+"""Accuracy measures: greedy exact match, or teacher-forced exact match."""
+RUN = "continual run"
+"""The :class:`~rmoe.training.sft.Flag` group of the settings ``rmoe continual run`` shows."""
 
 
 def parse_method(method: str) -> frozenset[str]:
@@ -110,17 +114,20 @@ class ContinualConfig:
 
     method: str = "plain"
     sft: SFTConfig = field(default_factory=SFTConfig)
-    migu_ratio: float = 0.7
-    migu_norm: str = "l1"
-    mask_first_task: bool = False
-    replay_size: int = 200
-    metric: str = "exact_match"
+    migu_ratio: float = setting(0.7, Flag(RUN, "masked share (migu, random-mask)"))
+    migu_norm: str = setting("l1", Flag(RUN, choices=MIGU_NORMS))
+    mask_first_task: bool = setting(False, Flag(RUN, "also mask the first stage"))
+    replay_size: int = setting(200, Flag(RUN, "replay buffer capacity"))
+    metric: str = setting(
+        "exact_match",
+        Flag(RUN, "greedy exact match, or teacher-forced (one forward, no generation)", METRICS),
+    )
     eval_limit: int = 0
 
     def validate(self) -> None:
         """Raise ValueError on bad values."""
         parse_method(self.method)
-        if self.metric not in ("exact_match", "tf_exact_match"):
+        if self.metric not in METRICS:
             raise ValueError(f"metric must be exact_match or tf_exact_match, got {self.metric!r}")
         if self.replay_size < 0:
             raise ValueError(f"replay_size must be >= 0, got {self.replay_size}")

@@ -60,17 +60,56 @@ from .surgery import freeze_router, gw_training
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Flag",
     "MaskerFactory",
     "SFTConfig",
     "SFTMasker",
     "SFTResult",
     "finetune",
+    "setting",
 ]
 
 
 # ----------------------------------------------------------------------------------------------
 # Configuration and result
 # ----------------------------------------------------------------------------------------------
+OPTIM, ROUTING, MASKING, EVAL, MACHINE = (
+    "optimisation",
+    "routing",
+    "masking",
+    "evaluation",
+    "machine",
+)
+"""The groups of :class:`Flag` (``rmoe finetune --help`` shows one section per group)."""
+MIGU_NORMS = ("l1", "raw")
+SFT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a run setting appears on the command line: the flag is ``--field-name``, its type and
+    default are the field's (``bool`` = a switch, ``list[str]`` = comma-separated), the rest is
+    here. ``rmoe finetune`` shows every field with a Flag, by ``group``; ``rmoe continual run``
+    picks some (see :mod:`rmoe.cli.finetune`).
+
+    Attributes:
+        group: the ``--help`` section (:data:`OPTIM`, :data:`ROUTING`, ...).
+        help: the ``--help`` line (argparse ``%`` escapes apply).
+        choices: the accepted values.
+        metavar: the placeholder shown in ``--help`` (default: the flag name in capitals).
+    """
+
+    group: str
+    help: str | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+def setting(default: Any, flag: Flag | None = None) -> Any:
+    """A dataclass field with ``default``, shown on the command line as ``flag`` says."""
+    return field(default=default, metadata={"flag": flag} if flag is not None else {})
+
+
 @dataclass
 class SFTConfig:
     """Fine-tuning options.
@@ -106,31 +145,54 @@ class SFTConfig:
         log_every: steps between log lines / loss records.
     """
 
-    steps: int = 0
-    epochs: float = 1.0
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    max_len: int = 256
-    seed: int = 0
-    freeze_router: bool = False
-    gw_threshold: float | None = None
-    gw_max_tokens_per_seq: int | None = None
-    gw_random: bool = False
-    migu_ratio: float | None = None
-    migu_norm: str = "l1"
-    random_mask_ratio: float | None = None
-    freeze_masked_rows: bool = False
-    mask_targets: list[str] | None = None
-    eval_every: int = 0
-    eval_batch_size: int = 64
-    max_new_tokens: int = 0
-    normalize: str = "squad"
+    steps: int = setting(0, Flag(OPTIM, "optimizer steps (0 = --epochs passes)"))
+    epochs: float = setting(1.0, Flag(OPTIM, "passes over the data if --steps 0"))
+    batch_size: int = setting(16, Flag(OPTIM))
+    lr: float = setting(1e-3, Flag(OPTIM, "AdamW learning rate (constant)"))
+    weight_decay: float = setting(0.0, Flag(OPTIM))
+    warmup_steps: int = setting(0, Flag(OPTIM))
+    grad_clip: float = setting(1.0, Flag(OPTIM, "0 = off"))
+    max_len: int = setting(256, Flag(OPTIM, "tokens per example (prompt cut left)"))
+    seed: int = setting(0, Flag(OPTIM))
+    freeze_router: bool = setting(False, Flag(ROUTING, "no updates to routers and the shared cell"))
+    gw_threshold: float | None = setting(
+        None,
+        Flag(
+            ROUTING,
+            "broadcast tokens whose normalised router entropy exceeds this to all experts "
+            "(training only)",
+        ),
+    )
+    gw_max_tokens_per_seq: int | None = setting(None, Flag(ROUTING, "GW cap per sequence"))
+    gw_random: bool = setting(
+        False, Flag(ROUTING, "control: broadcast as many tokens as GW would, chosen at random")
+    )
+    migu_ratio: float | None = setting(
+        None, Flag(MASKING, "mask this share of each layer's rows (0.7 = update top 30%%)")
+    )
+    migu_norm: str = setting("l1", Flag(MASKING, "l1 = paper, raw = code", MIGU_NORMS))
+    random_mask_ratio: float | None = setting(
+        None, Flag(MASKING, "control: mask this share of rows at random")
+    )
+    freeze_masked_rows: bool = setting(
+        False, Flag(MASKING, "keep masked rows still through weight decay and Adam momentum")
+    )
+    mask_targets: list[str] | None = setting(
+        None,
+        Flag(
+            MASKING,
+            "weights the mask covers: glob patterns on module / expert-parameter names, e.g. "
+            "'*.experts.*,*.attn.*' (default: every nn.Linear and expert weight)",
+            metavar="GLOB[,GLOB...]",
+        ),
+    )
+    eval_every: int = setting(0, Flag(EVAL, "evaluate every N steps (0 = end)"))
+    eval_batch_size: int = setting(64, Flag(EVAL))
+    max_new_tokens: int = setting(0, Flag(EVAL, "0 = longest answer + 4"))
+    normalize: str = setting("squad", Flag(EVAL, choices=NORMALIZATIONS))
     generate: bool = True
-    device: str = "auto"
-    dtype: str = "float32"
+    device: str = setting("auto", Flag(MACHINE))
+    dtype: str = setting("float32", Flag(MACHINE, choices=SFT_DTYPES))
     log_every: int = 10
 
     def validate(self) -> None:
@@ -149,7 +211,7 @@ class SFTConfig:
                 f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}",
             ),
             (
-                self.dtype in ("float32", "bfloat16"),
+                self.dtype in SFT_DTYPES,
                 f"dtype must be float32 or bfloat16, got {self.dtype!r}",
             ),
             (
