@@ -56,7 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmds = p.add_subparsers(dest="continual_command", metavar="SUBCOMMAND")
+    for add in (_add_run, _add_tasks, _add_gap, _add_cpt_demo):
+        add(cmds)
+    return p
 
+
+def _add_run(cmds: argparse._SubParsersAction) -> None:
+    """``rmoe continual run``: a task sequence with each method."""
     r = cmds.add_parser(
         "run",
         help="train a task sequence with one or more methods",
@@ -106,6 +112,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_setting(r, SFTConfig, "device")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
 
+
+def _add_tasks(cmds: argparse._SubParsersAction) -> None:
+    """``rmoe continual tasks``: write the built-in tasks."""
     t = cmds.add_parser(
         "tasks",
         help="write the built-in tasks as jsonl",
@@ -118,6 +127,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--eval-per-task", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
 
+
+def _add_gap(cmds: argparse._SubParsersAction) -> None:
+    """``rmoe continual gap``: stability-gap reports of runs."""
     g = cmds.add_parser(
         "gap",
         help="stability-gap metrics and PNG from runs' metrics.jsonl",
@@ -135,6 +147,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--names", help="comma-separated labels of the runs")
     g.add_argument("--tolerance", type=float, default=0.0, help="recovered within this of start")
 
+
+def _add_cpt_demo(cmds: argparse._SubParsersAction) -> None:
+    """``rmoe continual cpt-demo``: the continual pre-training demo."""
     d = cmds.add_parser(
         "cpt-demo",
         help="continual pre-training demo: code -> prose, each strategy, same token budget",
@@ -160,7 +175,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=1)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def _run_sequence(args: argparse.Namespace) -> int:
