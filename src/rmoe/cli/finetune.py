@@ -173,8 +173,7 @@ def run(args: argparse.Namespace) -> int:
     from rmoe.continual.masking import masker_factory
     from rmoe.data.examples import load_examples
     from rmoe.loading import load_model
-    from rmoe.training.sft import finetune
-    from rmoe.training.sft_eval import evaluate_examples
+    from rmoe.training.sft import evaluate_config, finetune
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.threads:
@@ -193,15 +192,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_model(args.model, device=cfg.device)
     before = None
     if not args.no_eval_before:
-        before = evaluate_examples(
-            model,
-            tokenizer,
-            evals,
-            batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            normalize=cfg.normalize,
-            max_len=cfg.max_len,
-        )
+        before = evaluate_config(model, tokenizer, evals, cfg, generate=True)
         print(
             f"before: exact match {before['exact_match']:.3f}, answer loss "
             f"{before['answer_loss']:.4f} ({len(evals)} examples)"

@@ -52,8 +52,7 @@ from rmoe.continual.metrics import ContinualMetrics, continual_metrics, write_ac
 from rmoe.continual.tasks import Task
 from rmoe.data.examples import Example
 from rmoe.formatting import fmt_number
-from rmoe.training.sft import MIGU_NORMS, Flag, SFTConfig, finetune, setting
-from rmoe.training.sft_eval import evaluate_examples
+from rmoe.training.sft import MIGU_NORMS, Flag, SFTConfig, evaluate_config, finetune, setting
 
 log = logging.getLogger(__name__)
 
@@ -230,14 +229,11 @@ def _evaluate_all(
     accs, losses, preds = [], [], {}
     for task in tasks:
         examples = task.eval[: cfg.eval_limit] if cfg.eval_limit else task.eval
-        res = evaluate_examples(
+        res = evaluate_config(
             model,
             tokenizer,
             examples,
-            batch_size=cfg.sft.eval_batch_size,
-            max_new_tokens=cfg.sft.max_new_tokens,
-            normalize=cfg.sft.normalize,
-            max_len=cfg.sft.max_len,
+            cfg.sft,
             generate=cfg.metric == "exact_match",
             keep_predictions=5,
         )

@@ -65,6 +65,7 @@ __all__ = [
     "SFTConfig",
     "SFTMasker",
     "SFTResult",
+    "evaluate_config",
     "finetune",
     "setting",
 ]
@@ -359,6 +360,31 @@ class _Loop:
         return rec, out
 
 
+def evaluate_config(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    cfg: SFTConfig,
+    *,
+    generate: bool | None = None,
+    keep_predictions: int = 0,
+) -> dict[str, Any]:
+    """:func:`rmoe.training.sft_eval.evaluate_examples` with ``cfg``'s evaluation settings
+    (batch size, decoding budget, normalisation, length; ``generate`` defaults to
+    ``cfg.generate``)."""
+    return evaluate_examples(
+        model,
+        tokenizer,
+        examples,
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        normalize=cfg.normalize,
+        max_len=cfg.max_len,
+        generate=cfg.generate if generate is None else generate,
+        keep_predictions=keep_predictions,
+    )
+
+
 def _evaluate(
     result: SFTResult,
     model: nn.Module,
@@ -370,17 +396,7 @@ def _evaluate(
     """Evaluate ``examples`` (if any) and record the result at ``step`` in ``result``."""
     if not examples:
         return
-    res = evaluate_examples(
-        model,
-        tokenizer,
-        examples,
-        batch_size=cfg.eval_batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        normalize=cfg.normalize,
-        max_len=cfg.max_len,
-        generate=cfg.generate,
-        keep_predictions=20,
-    )
+    res = evaluate_config(model, tokenizer, examples, cfg, keep_predictions=20)
     result.evals.append({"step": step, **{k: v for k, v in res.items() if k != "predictions"}})
     result.final_eval = {"step": step, **res}
     log.info(
