@@ -9,9 +9,10 @@ import torch
 
 import rmoe  # noqa: F401  (registers the Auto classes)
 from rmoe import RMoEConfig
+from rmoe.registry import ROUTERS
 from rmoe.training.config import from_dict
 
-ROUTER_TYPES = ["linear", "mlp", "cosine", "xmoe", "random", "recurrent"]
+ROUTER_TYPES = list(ROUTERS)  # every registered router
 
 
 def tiny_config(**overrides) -> RMoEConfig:

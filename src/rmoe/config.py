@@ -2,33 +2,42 @@
 
 Every field is documented below, in the class docstring, next to its default. Field names
 follow transformers' MoE conventions (Mixtral / Qwen2-MoE / OLMoE) wherever one exists.
+
+The names accepted by `router_type`, `router_scorer`, `router_cell` and `experts_backend` are
+those registered in `rmoe.registry` (by the classes and functions of `rmoe.modeling`);
+validation reads the registry, so a new router is valid as soon as its class is registered.
 """
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from transformers import PretrainedConfig
 
-ROUTER_TYPES = ("linear", "mlp", "cosine", "xmoe", "random", "recurrent")
-RECURRENT_SCORERS = ("linear", "cosine", "xmoe")
-ROUTER_CELLS = ("gru", "rnn", "lstm")
-EXPERTS_BACKENDS = ("auto", "loop", "sorted", "grouped_mm")
-GW_SELECTIONS = ("entropy", "random")
+from .registry import (
+    AUTO_BACKEND,
+    BACKENDS,
+    CELLS,
+    GW_SELECTIONS,
+    ROUTERS,
+    SCORERS,
+    check_choice,
+)
 
 
-def _nearest(name: str, choices: tuple[str, ...] | list[str]) -> str:
-    match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.0)
-    return f" (nearest: {match[0]!r})" if match else ""
-
-
-def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+def check_gw_policy(
+    threshold: float | None, max_tokens_per_seq: int | None, selection: str
+) -> None:
+    """Raise ValueError unless (threshold, max_tokens_per_seq, selection) is a valid GW-MoE
+    setting (see the GW-MoE fields of `RMoEConfig`; also checks `rmoe.modeling.moe.GWPolicy`)."""
+    check_choice("gw_selection", selection, GW_SELECTIONS)
+    if threshold is not None and not 0 <= threshold <= 1:
         raise ValueError(
-            f"{field}={value!r} is not valid; expected one of {list(choices)}"
-            + _nearest(value, choices)
+            f"gw_entropy_threshold is on normalised entropy H/ln E and must be in [0, 1] "
+            f"(or None to disable), got {threshold}"
         )
+    if max_tokens_per_seq is not None and max_tokens_per_seq < 1:
+        raise ValueError("gw_max_tokens_per_seq must be >= 1 or None")
 
 
 class RMoEConfig(PretrainedConfig):
@@ -69,22 +78,25 @@ class RMoEConfig(PretrainedConfig):
             (None = moe_intermediate_size).
         mlp_only_layers (list[int], []): indices of layers that use a dense FFN instead of MoE.
             They pass the router state on unchanged.
-        experts_backend (str, "auto"): dispatch implementation: "loop" (reference), "sorted",
-            "grouped_mm", or "auto": grouped_mm where the torch version/device/dtype support it
-            (CUDA bf16 sm80+, CPU with torch >= 2.9), except on CPU when there are fewer
-            token-expert assignments than experts (sorted); sorted everywhere else. See
+        experts_backend (str, "auto"): dispatch implementation (`rmoe.registry.BACKENDS`):
+            "loop" (reference), "sorted", "grouped_mm", or "auto": grouped_mm where the torch
+            version/device/dtype support it (CUDA bf16 sm80+, CPU with torch >= 2.9), except
+            on CPU when there are fewer token-expert assignments than experts (sorted);
+            sorted everywhere else. See
             `rmoe.modeling.experts.auto_backend` and benchmarks/RESULTS.md.
 
     Routing
-        router_type (str, "recurrent"): one of "linear" (SMoE: W x), "mlp" (2-layer GELU MLP),
+        router_type (str, "recurrent"): a name in `rmoe.registry.ROUTERS`: "linear" (SMoE: W x), "mlp" (2-layer GELU MLP),
             "cosine" (cosine to expert embeddings, learnable temperature), "xmoe" (down-project to
             `router_xmoe_dim`, L2-normalise, cosine, temperature), "random" (frozen random
             linear), "recurrent" (RMoE: per-layer projection D->P, one cell shared by all MoE
             layers carrying a per-token state over depth, per-layer scorer on the state).
         router_dim (int, 128): P, the recurrent router's state width.
-        router_cell (str, "gru"): the shared cell: "gru", "rnn" (tanh) or "lstm".
-        router_scorer (str, "linear"): the recurrent router's per-layer scorer on h_i:
-            "linear", "cosine" or "xmoe" ("xmoe" gives the paper's "XMoE + GRU").
+        router_cell (str, "gru"): the shared cell (`rmoe.registry.CELLS`): "gru", "rnn" (tanh)
+            or "lstm".
+        router_scorer (str, "linear"): the recurrent router's per-layer scorer on h_i, a name in
+            `rmoe.registry.SCORERS` that may score a state: "linear", "cosine" or "xmoe"
+            ("xmoe" gives the paper's "XMoE + GRU"; "mlp" is only the plain "mlp" router's).
         router_pass_state (bool, True): pass the state from layer to layer. False = RMoE-NP: every
             layer starts from h_0 = 0 (same parameters and FLOPs).
         router_detach_state (bool, False): pass the state but stop its gradient.
@@ -113,6 +125,9 @@ class RMoEConfig(PretrainedConfig):
             (the highest-entropy ones); None = no cap.
         gw_selection (str, "entropy"): "entropy" (GW-MoE) or "random": the control that
             broadcasts exactly as many tokens as "entropy" would, chosen uniformly at random.
+        The model builds a `rmoe.modeling.GWPolicy` from these three fields; switching GW-MoE
+        on for a fine-tuning run goes through `model.set_gw_policy(...)`, never through these
+        fields (a saved config stays as it was).
     """
 
     model_type = "rmoe"
@@ -228,11 +243,11 @@ class RMoEConfig(PretrainedConfig):
 
     def validate_rmoe(self) -> None:
         """Raise ValueError naming the first out-of-range or unknown field."""
-        _check_choice("router_type", self.router_type, ROUTER_TYPES)
-        _check_choice("router_cell", self.router_cell, ROUTER_CELLS)
-        _check_choice("router_scorer", self.router_scorer, RECURRENT_SCORERS)
-        _check_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
-        _check_choice("gw_selection", self.gw_selection, GW_SELECTIONS)
+        ROUTERS.lookup(self.router_type)
+        CELLS.lookup(self.router_cell)
+        SCORERS.lookup(self.router_scorer, where=lambda scorer: scorer.on_state)
+        check_choice("experts_backend", self.experts_backend, (AUTO_BACKEND, *BACKENDS))
+        check_choice("gw_selection", self.gw_selection, GW_SELECTIONS)
         positive = {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -277,13 +292,7 @@ class RMoEConfig(PretrainedConfig):
             raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
         if self.router_temperature_init <= 0:
             raise ValueError("router_temperature_init must be > 0")
-        if self.gw_entropy_threshold is not None and not 0 <= self.gw_entropy_threshold <= 1:
-            raise ValueError(
-                f"gw_entropy_threshold is on normalised entropy H/ln E and must be in [0, 1] "
-                f"(or None to disable), got {self.gw_entropy_threshold}"
-            )
-        if self.gw_max_tokens_per_seq is not None and self.gw_max_tokens_per_seq < 1:
-            raise ValueError("gw_max_tokens_per_seq must be >= 1 or None")
+        check_gw_policy(self.gw_entropy_threshold, self.gw_max_tokens_per_seq, self.gw_selection)
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

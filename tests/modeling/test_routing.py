@@ -4,7 +4,7 @@ from tests.conftest import tiny_config
 from torch import nn
 
 from rmoe import RMoEForCausalLM
-from rmoe.modeling.routing import ROUTERS, RecurrentCell, build_router, select_topk
+from rmoe.modeling.routing import ROUTERS, build_cell, build_router, select_topk
 
 
 @pytest.mark.parametrize(
@@ -12,7 +12,7 @@ from rmoe.modeling.routing import ROUTERS, RecurrentCell, build_router, select_t
 )
 def test_cell_matches_torch(kind, ref_cls):
     p, n = 8, 5
-    cell = RecurrentCell(kind, p)
+    cell = build_cell(kind, p)
     ref = ref_cls(p, p)
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
@@ -62,7 +62,7 @@ def _routing_stack_grad(pass_state: bool, detach: bool) -> torch.Tensor:
         router_detach_state=detach,
     )
     routers = [build_router(cfg) for _ in range(4)]
-    cell = RecurrentCell(cfg.router_cell, cfg.router_dim)
+    cell = build_cell(cfg.router_cell, cfg.router_dim)
     xs = [torch.randn(6, cfg.hidden_size) for _ in range(4)]  # fixed router inputs
     state = None
     for r, x in zip(routers, xs):

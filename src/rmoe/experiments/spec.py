@@ -27,53 +27,32 @@ A spec is YAML::
       - {name: smoe-flops, router: linear, match: flops, seeds: [0]}
       - {name: rmoe-p64, router: recurrent, set: {model.router_dim: 64}}
 
-Router variants (`router:`) name a set of model keys; see `ROUTER_VARIANTS`.
+Router variants (`router:`) name a set of model keys; see `ROUTER_VARIANTS` (built from the
+router registry, `rmoe.registry.ROUTERS`, and each router class's presets).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 
+from ..modeling.routing import router_presets
+from ..registry import nearest
 from ..training.config import TrainConfig, from_dict, load_config, set_key
 
-# router variant -> model keys it sets (every other router key keeps the base value)
-ROUTER_VARIANTS: dict[str, dict[str, Any]] = {
-    "linear": {"router_type": "linear"},
-    "mlp": {"router_type": "mlp"},
-    "cosine": {"router_type": "cosine"},
-    "xmoe": {"router_type": "xmoe"},
-    "random": {"router_type": "random"},
-    "recurrent": {
-        "router_type": "recurrent",
-        "router_pass_state": True,
-        "router_detach_state": False,
-        "router_scorer": "linear",
-    },
-    "recurrent-np": {
-        "router_type": "recurrent",
-        "router_pass_state": False,
-        "router_detach_state": False,
-        "router_scorer": "linear",
-    },
-    "recurrent-detach": {
-        "router_type": "recurrent",
-        "router_pass_state": True,
-        "router_detach_state": True,
-        "router_scorer": "linear",
-    },
-    "recurrent-xmoe": {
-        "router_type": "recurrent",
-        "router_pass_state": True,
-        "router_detach_state": False,
-        "router_scorer": "xmoe",
-    },
-}
+# router variant -> model keys it sets (every other router key keeps the base value): one per
+# registered router ("linear", ..., "recurrent") plus each router class's named presets
+# ("recurrent-np", "recurrent-detach", "recurrent-xmoe"); see `Router.presets`.
+ROUTER_VARIANTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {name: MappingProxyType(keys) for name, keys in router_presets().items()}
+)
 
 MATCH_MODES = ("tokens", "flops")
 _SPEC_KEYS = {
@@ -336,12 +315,9 @@ def validate_spec(spec: ExperimentSpec) -> None:
             raise ValueError(f"arm name {a.name!r} appears twice in spec {spec.name!r}")
         seen.add(a.name)
         if a.router not in ROUTER_VARIANTS:
-            import difflib
-
-            near = difflib.get_close_matches(a.router, list(ROUTER_VARIANTS), n=1, cutoff=0.0)
             raise ValueError(
                 f"arm {a.name!r}: unknown router {a.router!r}; expected one of "
-                f"{list(ROUTER_VARIANTS)}" + (f" (nearest: {near[0]!r})" if near else "")
+                f"{list(ROUTER_VARIANTS)}" + nearest(a.router, ROUTER_VARIANTS)
             )
         if a.match not in MATCH_MODES:
             raise ValueError(f"arm {a.name!r}: match={a.match!r}; expected tokens or flops")

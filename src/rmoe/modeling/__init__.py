@@ -4,7 +4,16 @@ from .accounting import ModelCounts, count_model, flops_per_token, parameter_cou
 from .experts import DISPATCH_BACKENDS, Experts
 from .losses import load_balancing_loss, normalized_entropy, router_z_loss
 from .moe import MoEBlock, MoEOutput
-from .routing import ROUTERS, RecurrentCell, Router, RoutingResult, select_topk
+from .routing import (
+    ROUTERS,
+    RecurrentCell,
+    Router,
+    RoutingResult,
+    Scorer,
+    build_cell,
+    router_presets,
+    select_topk,
+)
 from .transformer import (
     RMoECausalLMOutput,
     RMoEForCausalLM,
@@ -28,11 +37,14 @@ __all__ = [
     "RecurrentCell",
     "Router",
     "RoutingResult",
+    "Scorer",
+    "build_cell",
     "count_model",
     "flops_per_token",
     "load_balancing_loss",
     "normalized_entropy",
     "parameter_counts",
+    "router_presets",
     "router_z_loss",
     "select_topk",
 ]

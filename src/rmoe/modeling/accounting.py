@@ -13,6 +13,8 @@ Router cost per MoE layer (multiply-adds per token), with D width, E experts, P 
     recurrent         D*P + G*2*P^2 + scorer(P)   (G = 3 gru, 1 rnn, 4 lstm; the cell's
                       input and hidden products are both counted, also for h_0 = 0, so RMoE,
                       RMoE-NP and detached RMoE cost the same)
+Each registered router class gives its own count (`Router.layer_counts`, from its scorer's
+`Scorer.counts`), and each cell class its own (`RecurrentCell.counts`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ..config import RMoEConfig
-
-_GATES = {"gru": 3, "rnn": 1, "lstm": 4}
+from ..registry import CELLS, ROUTERS
 
 
 @dataclass
@@ -58,36 +59,18 @@ class ModelCounts:
         return asdict(self)
 
 
-def _scorer_params_macs(kind: str, in_dim: int, cfg: RMoEConfig) -> tuple[int, int]:
-    e, b = cfg.num_experts, cfg.router_bias
-    if kind in ("linear", "random"):
-        return in_dim * e + (e if b else 0), in_dim * e
-    if kind == "mlp":
-        hm = cfg.router_mlp_hidden
-        return in_dim * hm + hm * e + ((hm + e) if b else 0), in_dim * hm + hm * e
-    if kind == "cosine":
-        return e * in_dim + 1, in_dim * e
-    if kind == "xmoe":
-        r = cfg.router_xmoe_dim
-        return in_dim * r + e * r + 1, in_dim * r + r * e
-    raise ValueError(f"unknown scorer {kind!r}")
-
-
 def router_layer_counts(cfg: RMoEConfig) -> tuple[int, int]:
-    """(parameters, multiply-adds per token) of ONE MoE layer's router, excluding the shared cell."""
-    if cfg.router_type != "recurrent":
-        return _scorer_params_macs(cfg.router_type, cfg.hidden_size, cfg)
-    d, p = cfg.hidden_size, cfg.router_dim
-    sp, sm = _scorer_params_macs(cfg.router_scorer, p, cfg)
-    return d * p + (p if cfg.router_bias else 0) + sp, d * p + sm
+    """(parameters, multiply-adds per token) of ONE MoE layer's router, excluding the shared cell
+    (asks the registered router class, `Router.layer_counts`)."""
+    return ROUTERS.lookup(cfg.router_type).layer_counts(cfg)
 
 
 def cell_counts(cfg: RMoEConfig) -> tuple[int, int]:
-    """(parameters, multiply-adds per token per MoE layer) of the shared recurrent cell."""
-    if cfg.router_type != "recurrent":
+    """(parameters, multiply-adds per token per MoE layer) of the shared recurrent cell; (0, 0)
+    for routers without one (asks the registered cell class, `RecurrentCell.counts`)."""
+    if not ROUTERS.lookup(cfg.router_type).uses_cell:
         return 0, 0
-    g, p = _GATES[cfg.router_cell], cfg.router_dim
-    return 2 * g * p * p + 2 * g * p, 2 * g * p * p
+    return CELLS.lookup(cfg.router_cell).counts(cfg.router_dim)
 
 
 def count_config(cfg: RMoEConfig, seq_len: int | None = None) -> ModelCounts:

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import BACKENDS
+
 logger = logging.getLogger(__name__)
 
 DispatchFn = Callable[..., torch.Tensor]
@@ -305,6 +307,10 @@ def _warn_fallback(reason: str) -> None:
 DISPATCH_BACKENDS: MappingProxyType[str, DispatchFn] = MappingProxyType(
     {"loop": dispatch_loop, "sorted": dispatch_sorted, "grouped_mm": dispatch_grouped_mm}
 )
+"""Backend name -> dispatch function: the one place the names are spelled; registered in
+`rmoe.registry.BACKENDS` (which `RMoEConfig.experts_backend` is validated against)."""
+for _name, _fn in DISPATCH_BACKENDS.items():
+    BACKENDS.add(_name, _fn)
 
 
 def auto_backend(
