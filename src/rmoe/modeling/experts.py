@@ -431,6 +431,12 @@ class Experts(nn.Module):
         self.up_probe = ExpertOutputProbe("up_proj", out_dim=1)
         self.down_probe = ExpertOutputProbe("down_proj", out_dim=1)
 
+    def init_parameters(self, ops, std: float, std_out: float, generator=None) -> None:
+        """gate_proj, up_proj ~ N(0, std); down_proj (a residual output) ~ N(0, std_out)."""
+        ops.normal_(self.gate_proj, mean=0.0, std=std, generator=generator)
+        ops.normal_(self.up_proj, mean=0.0, std=std, generator=generator)
+        ops.normal_(self.down_proj, mean=0.0, std=std_out, generator=generator)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -464,14 +470,32 @@ class Experts(nn.Module):
         return swiglu(x, self.gate_proj[e], self.up_proj[e], self.down_proj[e])
 
 
-class DenseMLP(nn.Module):
-    """A dense SwiGLU FFN (dense layers and shared experts): D -> F -> D."""
+class OutputProjection(nn.Linear):
+    """A linear layer whose output is added to the residual stream (attention `o_proj`, the
+    dense FFN's `down_proj`): initialised with std_out = initializer_range / sqrt(2 L)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def init_parameters(self, ops, std: float, std_out: float, generator=None) -> None:
+        """weight ~ N(0, std_out); bias = 0."""
+        ops.normal_(self.weight, mean=0.0, std=std_out, generator=generator)
+        if self.bias is not None:
+            ops.zeros_(self.bias)
+
+
+class DenseMLP(nn.Module):
+    """A dense SwiGLU FFN (dense layers and shared experts): D -> F -> D.
+
+    `residual_out`: `down_proj` is an `OutputProjection` (scaled init). The dense layers' FFN
+    uses it; the shared experts do not (their down_proj keeps the plain std init).
+    """
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, residual_out: bool = False
+    ) -> None:
         super().__init__()
+        down = OutputProjection if residual_out else nn.Linear
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = down(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""

@@ -28,10 +28,10 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from ..config import RMoEConfig
-from .experts import DenseMLP, Experts
+from .experts import DenseMLP, OutputProjection
 from .losses import training_loss
 from .moe import MoEBlock
-from .routing import CosineScorer, RecurrentCell, RoutingResult, build_router_cell
+from .routing import RecurrentCell, RoutingResult, build_router_cell
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as _init
@@ -56,6 +56,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def init_parameters(self, ops, std: float, std_out: float, generator=None) -> None:
+        """weight = 1."""
+        ops.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -106,8 +110,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.o_proj._rmoe_residual_out = True
+        self.o_proj = OutputProjection(self.n_heads * self.head_dim, d, bias=False)
 
     def forward(
         self,
@@ -174,8 +177,7 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             self.moe = MoEBlock(config)
         else:
-            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
-            self.mlp.down_proj._rmoe_residual_out = True
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, residual_out=True)
         self.drop = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -270,31 +272,25 @@ class RMoEPreTrainedModel(PreTrainedModel):
 
     def _init_module(self, module: nn.Module, ops, generator: torch.Generator | None) -> None:
         """Initialise `module`'s own parameters with the init functions `ops` (torch.nn.init or
-        transformers.initialization), drawing from `generator` (None = the global RNG)."""
+        transformers.initialization), drawing from `generator` (None = the global RNG).
+
+        A module that owns parameters itself (experts, norms, the recurrent cell, cosine
+        scorers, residual output projections) says how in its `init_parameters(ops, std,
+        std_out, generator)`; plain nn.Linear / nn.Embedding get N(0, std) (and zero biases).
+        std = initializer_range, std_out = std / sqrt(2 * num_hidden_layers).
+        """
         cfg = self.config
         std = cfg.initializer_range
         std_out = std / math.sqrt(2 * cfg.num_hidden_layers)
-        g = {"generator": generator}
-        if isinstance(module, nn.Linear):
-            out = getattr(module, "_rmoe_residual_out", False)
-            ops.normal_(module.weight, mean=0.0, std=std_out if out else std, **g)
+        own = getattr(module, "init_parameters", None)
+        if own is not None:
+            own(ops, std, std_out, generator=generator)
+        elif isinstance(module, nn.Linear):
+            ops.normal_(module.weight, mean=0.0, std=std, generator=generator)
             if module.bias is not None:
                 ops.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            ops.normal_(module.weight, mean=0.0, std=std, **g)
-        elif isinstance(module, Experts):
-            ops.normal_(module.gate_proj, mean=0.0, std=std, **g)
-            ops.normal_(module.up_proj, mean=0.0, std=std, **g)
-            ops.normal_(module.down_proj, mean=0.0, std=std_out, **g)
-        elif isinstance(module, RMSNorm):
-            ops.ones_(module.weight)
-        elif isinstance(module, RecurrentCell):
-            bound = 1.0 / math.sqrt(module.dim)
-            for p in (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh):
-                ops.uniform_(p, -bound, bound, **g)
-        elif isinstance(module, CosineScorer):
-            ops.normal_(module.expert_embeddings, mean=0.0, std=std, **g)
-            ops.constant_(module.log_temperature, math.log(cfg.router_temperature_init))
+            ops.normal_(module.weight, mean=0.0, std=std, generator=generator)
 
     @torch.no_grad()
     def init_weights_seeded(self, seed: int) -> None:
