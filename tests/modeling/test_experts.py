@@ -112,7 +112,6 @@ def test_unknown_backend_names_the_choices() -> None:
 def test_grouped_mm_falls_back_cleanly(monkeypatch, caplog) -> None:
     """Where grouped_mm cannot run (here: forced), the backend logs once and uses `sorted`."""
     monkeypatch.setattr(ex, "grouped_mm_unsupported_reason", lambda x, g: "forced for the test")
-    monkeypatch.setattr(ex, "_warned", set())
     m = _experts(4, 8, 8, torch.float32)
     idx = torch.tensor([[0, 1], [2, 3]])
     x, w, gy = torch.randn(2, 8), torch.rand(2, 2), torch.randn(2, 8)
@@ -262,3 +261,22 @@ def test_probes_are_not_called_without_hooks_and_map_token_index() -> None:
     assert not m.gate_probe.hooked
     assert not any(n for n, _ in m.named_parameters() if "probe" in n)
     assert set(m.state_dict()) == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_fallback_report_has_no_module_global_state(monkeypatch, caplog) -> None:
+    """Each Experts module logs a fallback reason once; a second module logs it again (nothing
+    is remembered at module level); the bare backend function warns with a stable category."""
+    monkeypatch.setattr(ex, "grouped_mm_unsupported_reason", lambda x, g: "forced again")
+    assert not hasattr(ex, "_warned")
+    idx = torch.tensor([[0, 1], [2, 3]])
+    x, w, gy = torch.randn(2, 8), torch.rand(2, 2), torch.randn(2, 8)
+    with caplog.at_level(logging.WARNING, logger=ex.__name__):
+        for _ in range(2):
+            m = _experts(4, 8, 8, torch.float32)
+            _run(m, x, idx, w, "grouped_mm", gy)
+            _run(m, x, idx, w, "grouped_mm", gy)
+    assert sum("forced again" in r.message for r in caplog.records) == 2
+    gate, up, down = m.gate_proj, m.up_proj, m.down_proj
+    with pytest.warns(ex.GroupedMMFallbackWarning, match="forced again"):
+        got = ex.dispatch_grouped_mm(x, idx, w, gate, up, down)
+    torch.testing.assert_close(got, ex.dispatch_sorted(x, idx, w, gate, up, down))

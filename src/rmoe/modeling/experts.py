@@ -27,12 +27,15 @@ to one of its `ExpertOutputProbe` children (MIGU does that), so ordinary steps p
 
 `resolve_backend("auto", x, gate, idx)` picks by device, dtype, torch version and load
 (`auto_backend` documents the measured rule); an explicitly requested `grouped_mm` that this
-torch/device/dtype cannot run falls back to `sorted` (logged once).
+torch/device/dtype cannot run falls back to `sorted`: an `Experts` module logs that once per
+reason (its own record, no module-global state); `dispatch_grouped_mm` called directly issues a
+`GroupedMMFallbackWarning` (Python's warning filters decide how often it shows).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from functools import cache
 from types import MappingProxyType
@@ -263,7 +266,7 @@ def dispatch_grouped_mm(
     """
     reason = grouped_mm_unsupported_reason(x, gate)
     if reason is not None:
-        _warn_fallback(reason)
+        warnings.warn(_fallback_message(reason), GroupedMMFallbackWarning, stacklevel=2)
         return dispatch_sorted(x, idx, weight, gate, up, down, probe)
     n, d = x.shape
     num_experts, f = gate.shape[0], gate.shape[1]
@@ -295,13 +298,12 @@ def dispatch_grouped_mm(
     return combine(ys, token, order, weight, n)
 
 
-_warned: set[str] = set()
+class GroupedMMFallbackWarning(UserWarning):
+    """`dispatch_grouped_mm` cannot run on this torch/device/dtype and used `sorted` instead."""
 
 
-def _warn_fallback(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        logger.warning("experts backend grouped_mm unavailable (%s); using 'sorted'", reason)
+def _fallback_message(reason: str) -> str:
+    return f"experts backend grouped_mm unavailable ({reason}); using 'sorted'"
 
 
 DISPATCH_BACKENDS: MappingProxyType[str, DispatchFn] = MappingProxyType(
@@ -415,6 +417,9 @@ class Experts(nn.Module):
     Three `ExpertOutputProbe` children (``gate_probe``, ``up_probe``, ``down_probe``; no
     parameters, nothing in the state dict) expose each weight's outputs on the dispatched rows to
     forward hooks; MIGU finds and hooks them. Without a hook they are never called.
+
+    An explicitly requested "grouped_mm" that cannot run here falls back to "sorted", logged
+    once per reason by this module (so once per MoE layer).
     """
 
     def __init__(
@@ -430,12 +435,25 @@ class Experts(nn.Module):
         self.gate_probe = ExpertOutputProbe("gate_proj", out_dim=1)
         self.up_probe = ExpertOutputProbe("up_proj", out_dim=1)
         self.down_probe = ExpertOutputProbe("down_proj", out_dim=1)
+        self._fallbacks_logged: set[str] = set()
 
     def init_parameters(self, ops, std: float, std_out: float, generator=None) -> None:
         """gate_proj, up_proj ~ N(0, std); down_proj (a residual output) ~ N(0, std_out)."""
         ops.normal_(self.gate_proj, mean=0.0, std=std, generator=generator)
         ops.normal_(self.up_proj, mean=0.0, std=std, generator=generator)
         ops.normal_(self.down_proj, mean=0.0, std=std_out, generator=generator)
+
+    def _backend_name(self, requested: str, x: torch.Tensor) -> str:
+        """`requested`, or "sorted" (logged once per reason) for a grouped_mm that cannot run."""
+        if requested != "grouped_mm":
+            return requested
+        reason = grouped_mm_unsupported_reason(x, self.gate_proj)
+        if reason is None:
+            return requested
+        if reason not in self._fallbacks_logged:
+            self._fallbacks_logged.add(reason)
+            logger.warning(_fallback_message(reason))
+        return "sorted"
 
     def forward(
         self,
@@ -452,7 +470,8 @@ class Experts(nn.Module):
         broadcast call), gives each row's index in the full flattened batch; the probes report
         that index, so a per-token mask on the full batch still applies.
         """
-        fn = resolve_backend(backend or self.backend, x, self.gate_proj, idx)
+        name = self._backend_name(backend or self.backend, x)
+        fn = resolve_backend(name, x, self.gate_proj, idx)
         probe = None
         if self.gate_probe.hooked or self.up_probe.hooked or self.down_probe.hooked:
             probes = {"gate_proj": self.gate_probe, "up_proj": self.up_probe}
