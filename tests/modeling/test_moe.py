@@ -2,7 +2,8 @@ import pytest
 import torch
 from tests.conftest import ROUTER_TYPES, tiny_config
 
-from rmoe import RMoEForCausalLM
+from rmoe import RMoEConfig, RMoEForCausalLM
+from rmoe.modeling import GWPolicy
 from rmoe.modeling.experts import DISPATCH_BACKENDS, Experts
 from rmoe.modeling.moe import MoEBlock, select_gw_tokens
 from rmoe.modeling.routing import build_router_cell
@@ -111,3 +112,70 @@ def test_dense_layers_pass_state_unchanged():
     out = model(torch.randint(0, 256, (1, 5)), output_routing=True)
     assert len(out.routing) == 2
     assert build_router_cell(cfg) is not None
+
+
+def _gw_model(**kw) -> RMoEForCausalLM:
+    return RMoEForCausalLM(tiny_config(router_type="recurrent", **kw)).train()
+
+
+def test_set_gw_policy_switches_broadcasting_without_touching_the_config(tmp_path):
+    model = _gw_model()
+    ids = torch.randint(0, 256, (2, 6))
+    n_moe = len(model.config.moe_layer_indices)
+    before = model.config.to_dict()
+    assert model.gw_policy == GWPolicy(None) and model(ids).gw_tokens == 0
+
+    model.set_gw_policy(GWPolicy(0.0))  # every token is uncertain
+    assert model.gw_policy == GWPolicy(0.0)
+    assert model.model.gw_policy == GWPolicy(0.0)
+    assert model(ids).gw_tokens == 12 * n_moe
+    model.set_gw_policy(GWPolicy(0.0, max_tokens_per_seq=2, selection="random"))
+    assert model(ids).gw_tokens == 2 * 2 * n_moe
+    assert model.config.to_dict() == before
+    model.save_pretrained(tmp_path)
+    assert RMoEConfig.from_pretrained(tmp_path).gw_entropy_threshold is None
+
+    model.set_gw_policy(None)  # back to the config's policy
+    assert model.gw_policy == GWPolicy.from_config(model.config)
+    assert model(ids).gw_tokens == 0
+
+
+def test_none_restores_the_configs_own_policy():
+    model = _gw_model(gw_entropy_threshold=0.0, gw_max_tokens_per_seq=1)
+    ids = torch.randint(0, 256, (2, 6))
+    n_moe = len(model.config.moe_layer_indices)
+    assert model(ids).gw_tokens == 2 * n_moe
+    model.set_gw_policy(GWPolicy(None))
+    assert model(ids).gw_tokens == 0
+    model.set_gw_policy(None)
+    assert model.gw_policy == GWPolicy(0.0, 1, "entropy")
+    assert model(ids).gw_tokens == 2 * n_moe
+    model.eval()
+    assert model(ids).gw_tokens == 0  # training mode only
+
+
+def test_forward_never_reads_or_mutates_gw_config():
+    model = _gw_model()
+    n_moe = len(model.config.moe_layer_indices)
+    model.set_gw_policy(GWPolicy(0.0))
+    # forward does not consult the config's GW fields: editing them afterwards changes nothing
+    model.config.gw_entropy_threshold = 1.0  # would broadcast no token if it were read
+    before = model.config.to_dict()
+    ids = torch.randint(0, 256, (2, 6))
+    assert model(ids, labels=ids).gw_tokens == 12 * n_moe
+    assert model.config.to_dict() == before
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(threshold=1.5), "gw_entropy_threshold"),
+        (dict(threshold=0.5, max_tokens_per_seq=0), "gw_max_tokens_per_seq"),
+        (dict(threshold=0.5, selection="randm"), "nearest: 'random'"),
+    ],
+)
+def test_gw_policy_is_validated(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        GWPolicy(**kw)
+    with pytest.raises(ValueError, match="GWPolicy or None"):
+        _gw_model().set_gw_policy(0.5)

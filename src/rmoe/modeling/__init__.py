@@ -3,7 +3,7 @@
 from .accounting import ModelCounts, count_model, flops_per_token, parameter_counts
 from .experts import DISPATCH_BACKENDS, Experts
 from .losses import load_balancing_loss, normalized_entropy, router_z_loss
-from .moe import MoEBlock, MoEOutput
+from .moe import GWPolicy, MoEBlock, MoEOutput
 from .routing import (
     ROUTERS,
     RecurrentCell,
@@ -25,6 +25,7 @@ from .transformer import (
 __all__ = [
     "DISPATCH_BACKENDS",
     "Experts",
+    "GWPolicy",
     "MoEBlock",
     "MoEOutput",
     "ModelCounts",

@@ -1,6 +1,10 @@
 """The MoE block: route -> dispatch -> combine, plus shared experts and GW-MoE broadcasting.
 
 Shapes: B batch, T positions, N = B*T tokens, D width, E experts, K top-k, P router state width.
+
+GW-MoE is switched by a `GWPolicy` value that each block holds: built from the config at
+construction, replaced only through `RMoEPreTrainedModel.set_gw_policy` (never by mutating the
+config, and never inside forward).
 """
 
 from __future__ import annotations
@@ -10,10 +14,42 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import RMoEConfig
+from ..config import RMoEConfig, check_gw_policy
 from .experts import DenseMLP, Experts
 from .losses import load_balancing_loss, normalized_entropy, router_z_loss
 from .routing import RecurrentCell, RoutingResult, build_router
+
+
+@dataclass(frozen=True)
+class GWPolicy:
+    """Which tokens GW-MoE broadcasts to every expert, in training mode only.
+
+    Attributes:
+        threshold: normalised router entropy H / ln E in [0, 1] above which a token is
+            uncertain; None = GW-MoE off.
+        max_tokens_per_seq: at most this many uncertain tokens per sequence (the
+            highest-entropy ones); None = no cap.
+        selection: "entropy" (GW-MoE) or "random" (the same count per sequence, drawn at
+            random: the control).
+    """
+
+    threshold: float | None
+    max_tokens_per_seq: int | None = None
+    selection: str = "entropy"
+
+    def __post_init__(self) -> None:
+        check_gw_policy(self.threshold, self.max_tokens_per_seq, self.selection)
+
+    @classmethod
+    def from_config(cls, config: RMoEConfig) -> GWPolicy:
+        """The policy `config` describes (gw_entropy_threshold, gw_max_tokens_per_seq,
+        gw_selection)."""
+        return cls(config.gw_entropy_threshold, config.gw_max_tokens_per_seq, config.gw_selection)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any token can be broadcast (a threshold is set)."""
+        return self.threshold is not None
 
 
 @dataclass
@@ -85,11 +121,17 @@ def select_gw_tokens(
 
 
 class MoEBlock(nn.Module):
-    """Routed experts (+ optional shared experts) for one decoder layer."""
+    """Routed experts (+ optional shared experts) for one decoder layer.
+
+    `gw_policy` (a `GWPolicy`, from the config at construction) decides GW-MoE broadcasting in
+    training; the model's `set_gw_policy` replaces it on every block.
+    """
 
     def __init__(self, config: RMoEConfig) -> None:
         super().__init__()
-        self.config = config
+        self.config = config  # read at construction only (forward reads gw_policy)
+        self.num_experts = config.num_experts
+        self.gw_policy = GWPolicy.from_config(config)
         self.router = build_router(config)
         self.experts = Experts(
             config.num_experts,
@@ -129,20 +171,20 @@ class MoEBlock(nn.Module):
         y = self.experts(xf, routing.topk_idx, routing.topk_weight)
 
         gw_tokens = 0
-        cfg = self.config
-        if self.training and cfg.gw_entropy_threshold is not None:
+        gw = self.gw_policy
+        if self.training and gw.threshold is not None:
             chosen = select_gw_tokens(
                 routing.probs,
                 (b, t),
-                cfg.gw_entropy_threshold,
-                cfg.gw_max_tokens_per_seq,
+                gw.threshold,
+                gw.max_tokens_per_seq,
                 token_mask,
-                cfg.gw_selection,
+                gw.selection,
             ).reshape(-1)
             ui = torch.nonzero(chosen, as_tuple=True)[0]
             gw_tokens = int(ui.numel())
             if gw_tokens:
-                e = cfg.num_experts
+                e = self.num_experts
                 all_idx = torch.arange(e, device=x.device).expand(gw_tokens, e)
                 dense = self.experts(xf[ui], all_idx, routing.probs[ui], token_index=ui)
                 y = y.index_copy(0, ui, dense)

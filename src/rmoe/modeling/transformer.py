@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 from ..config import RMoEConfig
 from .experts import DenseMLP, OutputProjection
 from .losses import training_loss
-from .moe import MoEBlock
+from .moe import GWPolicy, MoEBlock
 from .routing import RecurrentCell, RoutingResult, build_router_cell
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
@@ -291,6 +291,26 @@ class RMoEPreTrainedModel(PreTrainedModel):
                 ops.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             ops.normal_(module.weight, mean=0.0, std=std, generator=generator)
+
+    @property
+    def gw_policy(self) -> GWPolicy:
+        """The GW-MoE policy the MoE blocks use now (the config's unless `set_gw_policy`)."""
+        for module in self.modules():
+            if isinstance(module, MoEBlock):
+                return module.gw_policy
+        return GWPolicy.from_config(self.config)
+
+    def set_gw_policy(self, policy: GWPolicy | None) -> None:
+        """Use `policy` for GW-MoE in every MoE block; None = back to the config's policy.
+
+        The config is not touched (a saved config stays as it was)."""
+        if policy is None:
+            policy = GWPolicy.from_config(self.config)
+        if not isinstance(policy, GWPolicy):
+            raise ValueError(f"set_gw_policy takes a GWPolicy or None, got {policy!r}")
+        for module in self.modules():
+            if isinstance(module, MoEBlock):
+                module.gw_policy = policy
 
     @torch.no_grad()
     def init_weights_seeded(self, seed: int) -> None:
