@@ -181,3 +181,12 @@ def test_residual_output_projections_are_explicit_modules():
     for std, module in ((0.02 / 2, OutputProjection(4096, 64)), (0.02, big)):
         model._init_module(module, torch.nn.init, torch.Generator().manual_seed(0))
         assert abs(module.weight.std().item() / std - 1) < 0.03
+
+
+def test_decoder_layer_arguments_after_the_first_are_keyword_only():
+    cfg = tiny_config()
+    model = RMoEForCausalLM(cfg)
+    layer = model.model.layers[0]
+    h = torch.randn(1, 3, cfg.hidden_size)
+    with pytest.raises(TypeError):
+        layer(h, None, None, None, None, None, None, None, False)

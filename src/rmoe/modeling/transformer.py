@@ -164,6 +164,35 @@ def _causal_mask(
     return mask | empty
 
 
+def _positions_and_masks(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    b: int,
+    t: int,
+    past: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """From the [B, S] padding mask (or None), S = past + T: position ids [B, T] (given, from
+    the mask, or past + arange(T)), the [B, 1, T, S] attention mask (None without padding: the
+    fast causal path) and the [B, T] token mask of real tokens (None without padding)."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must be a 2-D [batch, past + seq] padding mask, got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: use the fast causal path
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -t:]
+        else:
+            position_ids = torch.arange(past, past + t, device=device)[None].expand(b, t)
+    if attention_mask is None:
+        return position_ids, None, None
+    attn_mask = _causal_mask(b, t, past, attention_mask, device)
+    return position_ids, attn_mask, attention_mask[:, -t:].bool()
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm decoder layer: attention, then an MoE block (or a dense FFN)."""
 
@@ -183,6 +212,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
+        *,
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None,
@@ -192,12 +222,32 @@ class DecoderLayer(nn.Module):
         token_mask: torch.Tensor | None,
         compute_losses: bool,
     ):
-        """h [B, T, D] -> (h [B, T, D], router_state, MoEOutput | None)."""
+        """One layer.
+
+        Args:
+            h: [B, T, D] the residual stream entering the layer.
+            cos, sin: [B, 1, T, Dh] RoPE tables.
+            attn_mask: [B, 1, T, S] bool (True = attend), or None for plain causal attention.
+            cache: the KV cache, or None.
+            router_state: [N, state_dim] the router state from the previous MoE layer, or None.
+            router_cell: the model's shared recurrent cell, or None.
+            token_mask: [B, T] True for real tokens, or None.
+            compute_losses: compute the MoE block's balance and z losses.
+
+        Returns:
+            (h [B, T, D], router state for the next layer, MoEOutput | None for a dense layer).
+        """
         h = h + self.drop(self.attn(self.input_norm(h), cos, sin, attn_mask, cache))
         x = self.ffn_norm(h)
         if not self.is_moe:
             return h + self.drop(self.mlp(x)), router_state, None
-        out = self.moe(x, router_state, router_cell, token_mask, compute_losses)
+        out = self.moe(
+            x,
+            state=router_state,
+            cell=router_cell,
+            token_mask=token_mask,
+            compute_losses=compute_losses,
+        )
         return h + self.drop(out.hidden), out.routing.state, out
 
 
@@ -402,24 +452,9 @@ class RMoEModel(RMoEPreTrainedModel):
         b, t, _ = h.shape
         past = cache.get_seq_length() if cache is not None else 0
 
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                f"attention_mask must be a 2-D [batch, past + seq] padding mask, got shape "
-                f"{tuple(attention_mask.shape)}"
-            )
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: use the fast causal path
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -t:]
-            else:
-                position_ids = torch.arange(past, past + t, device=h.device)[None].expand(b, t)
-        attn_mask = (
-            _causal_mask(b, t, past, attention_mask, h.device)
-            if attention_mask is not None
-            else None
+        position_ids, attn_mask, token_mask = _positions_and_masks(
+            attention_mask, position_ids, b, t, past, h.device
         )
-        token_mask = attention_mask[:, -t:].bool() if attention_mask is not None else None
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
 
         state = None  # h_0 = 0: the first MoE layer's router starts from zeros
@@ -430,14 +465,14 @@ class RMoEModel(RMoEPreTrainedModel):
                 hidden_states.append(h)
             h, state, moe_out = layer(
                 h,
-                cos,
-                sin,
-                attn_mask,
-                cache,
-                state,
-                self.router_cell,
-                token_mask,
-                compute_router_losses,
+                cos=cos,
+                sin=sin,
+                attn_mask=attn_mask,
+                cache=cache,
+                router_state=state,
+                router_cell=self.router_cell,
+                token_mask=token_mask,
+                compute_losses=compute_router_losses,
             )
             if moe_out is not None:
                 moe_outs.append(moe_out)
