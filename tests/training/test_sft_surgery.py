@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tests.conftest import tiny_config
@@ -39,3 +41,30 @@ def test_gw_training_errors():
         pass
     with gw_training(torch.nn.Linear(2, 2), None):  # nothing asked: any model
         pass
+
+
+def test_gw_training_sets_the_policy_leaves_the_config_and_restores():
+    from rmoe.modeling.moe import GWPolicy
+
+    model = _model()
+    config = copy.deepcopy(model.config.to_dict())
+    before = model.gw_policy
+    with gw_training(model, 0.3, max_tokens_per_seq=2, random=True):
+        assert model.gw_policy == GWPolicy(threshold=0.3, max_tokens_per_seq=2, selection="random")
+        assert model.config.to_dict() == config
+    assert model.gw_policy == before
+    assert model.config.to_dict() == config
+
+
+def test_gw_training_keeps_what_it_is_not_given_and_restores_an_explicit_policy():
+    from rmoe.modeling.moe import GWPolicy
+
+    model = _model()
+    mine = GWPolicy(threshold=0.5, max_tokens_per_seq=4)
+    model.set_gw_policy(mine)
+    with gw_training(model, None, random=True):
+        assert model.gw_policy == GWPolicy(threshold=0.5, max_tokens_per_seq=4, selection="random")
+    assert model.gw_policy == mine
+    with pytest.raises(RuntimeError), gw_training(model, 0.1):
+        raise RuntimeError("training failed")
+    assert model.gw_policy == mine  # restored on errors too

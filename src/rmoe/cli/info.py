@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rmoe.config import RMoEConfig
-    from rmoe.modeling.accounting import count_config
     from rmoe.loading import find_model_dir
+    from rmoe.modeling.accounting import count_config
     from rmoe.training import load_config
 
     target = Path(args.target)

@@ -60,35 +60,39 @@ def gw_training(
     max_tokens_per_seq: int | None = None,
     random: bool = False,
 ) -> Iterator[None]:
-    """Set the model config's GW-MoE fields for the duration of the block, then restore them.
+    """Broadcast with GW-MoE for the duration of the block, then restore the model's policy.
 
-    ``threshold=None`` leaves the config as it is (``max_tokens_per_seq`` and ``random`` then
-    apply only if the model already has a threshold).
+    The new policy is the model's current one (:attr:`model.gw_policy`) with ``threshold``,
+    ``max_tokens_per_seq`` and ``random`` (``selection="random"``, the same-count control)
+    replacing its fields where given; ``threshold=None`` keeps the current threshold. The model's
+    config is never changed, so a model saved afterwards has its own GW settings.
 
     Raises:
-        ValueError: GW options on a model whose config has no GW fields.
+        ValueError: GW options on a model without a GW policy, or ``max_tokens_per_seq`` /
+            ``random`` with no threshold (given or the model's).
     """
-    cfg = getattr(model, "config", None)
-    wants = threshold is not None or max_tokens_per_seq is not None or random
-    if not wants:
+    if threshold is None and max_tokens_per_seq is None and not random:
         yield
         return
-    if cfg is None or not hasattr(cfg, "gw_entropy_threshold"):
+    if not hasattr(model, "set_gw_policy"):
         raise ValueError(
             "GW-MoE options (--gw-threshold, --gw-max-tokens-per-seq, --gw-random) need an rmoe "
-            "model (its config has gw_entropy_threshold); this model has none"
+            "model (it has a GW policy, set_gw_policy); this model has none"
         )
-    saved = (cfg.gw_entropy_threshold, cfg.gw_max_tokens_per_seq, cfg.gw_selection)
-    if threshold is not None:
-        cfg.gw_entropy_threshold = float(threshold)
-    if max_tokens_per_seq is not None:
-        cfg.gw_max_tokens_per_seq = int(max_tokens_per_seq)
-    if random:
-        cfg.gw_selection = "random"
-    if cfg.gw_entropy_threshold is None:
-        cfg.gw_entropy_threshold, cfg.gw_max_tokens_per_seq, cfg.gw_selection = saved
+    from ..modeling.moe import GWPolicy
+
+    saved = model.gw_policy
+    policy = GWPolicy(
+        threshold=float(threshold) if threshold is not None else saved.threshold,
+        max_tokens_per_seq=(
+            int(max_tokens_per_seq) if max_tokens_per_seq is not None else saved.max_tokens_per_seq
+        ),
+        selection="random" if random else saved.selection,
+    )
+    if policy.threshold is None:
         raise ValueError("--gw-random / --gw-max-tokens-per-seq need --gw-threshold")
+    model.set_gw_policy(policy)
     try:
         yield
     finally:
-        cfg.gw_entropy_threshold, cfg.gw_max_tokens_per_seq, cfg.gw_selection = saved
+        model.set_gw_policy(saved)
