@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(device)
 
     from rmoe.modeling.accounting import count_config
+    from rmoe.registry import ROUTERS
 
     ids = torch.randint(0, s.vocab, (s.batch, s.seq), device=device)
     builders = variants(s, args.quick)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             c = count_config(cfg, s.seq)
             row["router_flops_share"] = c.router_flops_per_token / c.forward_flops_per_token
             row["width_over_router_dim"] = (
-                s.width / cfg.router_dim if cfg.router_type == "recurrent" else None
+                s.width / cfg.router_dim if ROUTERS[cfg.router_type].uses_cell else None
             )
         rows.append(row)
     payload = {

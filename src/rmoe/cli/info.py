@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _router_desc(cfg) -> str:
-    if cfg.router_type != "recurrent":
+    from rmoe.registry import ROUTERS
+
+    if not ROUTERS[cfg.router_type].uses_cell:
         return cfg.router_type
     variant = "RMoE"
     if not cfg.router_pass_state:
