@@ -1,0 +1,179 @@
+"""The adapter interface over one model's MoE layers (:class:`MoEAdapter`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rmoe.analysis.adapters.capture import MoELayer, RoutingCapture
+from rmoe.analysis.adapters.spec import (
+    RoutingDecision,
+    RoutingSpec,
+    route,
+)
+from rmoe.analysis.adapters.weights import (
+    MATRIX_TYPES,
+    ExpertWeights,
+    _read_experts,
+    _read_mlp,
+    _write_experts,
+    expert_forward,
+)
+
+# --------------------------------------------------------------------------------------------
+# adapters
+# --------------------------------------------------------------------------------------------
+
+
+def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"{type(model).__name__} has no decoder layers at model.model.layers or model.layers; "
+        "pass a causal LM such as MixtralForCausalLM or RMoEForCausalLM"
+    )
+
+
+class MoEAdapter:
+    """Base adapter. Subclasses set :attr:`family` and implement :meth:`_find_layers`,
+    :meth:`_spec` and, if their router does not return ``(logits, weights, indices)``,
+    :meth:`parse_router_output`."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        self.hidden_size = int(self.config.hidden_size)
+        self.layers: list[MoELayer] = self._find_layers()
+        if not self.layers:
+            raise ValueError(
+                f"found no MoE layers in {type(model).__name__} ({self.family}); every decoder "
+                "layer is dense"
+            )
+        self.spec: RoutingSpec = self._spec()
+        self.act_fn: Callable[[torch.Tensor], torch.Tensor] = self._act_fn()
+        self._layouts: dict[int, str] = {}
+
+    # -- to implement ----------------------------------------------------------------------
+    def _find_layers(self) -> list[MoELayer]:
+        raise NotImplementedError
+
+    def _spec(self) -> RoutingSpec:
+        raise NotImplementedError
+
+    def _act_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return F.silu
+
+    # -- public interface ------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Number of MoE layers L."""
+        return len(self.layers)
+
+    @property
+    def layer_indices(self) -> list[int]:
+        """Decoder-layer index of each MoE layer."""
+        return [layer.layer_index for layer in self.layers]
+
+    def _layer(self, i: int) -> MoELayer:
+        if not 0 <= i < self.num_layers:
+            raise ValueError(f"MoE layer {i} is out of range; this model has {self.num_layers}")
+        return self.layers[i]
+
+    def router_weight(self, i: int) -> torch.Tensor:
+        """[E, R] the rows that score the experts at MoE layer ``i`` (see ``router_space``)."""
+        return self._layer(i).router.weight.detach()
+
+    def score_correction_bias(self, i: int) -> torch.Tensor | None:
+        """[E] the selection bias of MoE layer ``i`` (DeepSeek-V3), else None."""
+        b = getattr(self._layer(i).router, "e_score_correction_bias", None)
+        return b.detach().float() if isinstance(b, torch.Tensor) else None
+
+    def router_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """[N, E] float32 router logits of MoE inputs x [N, D] (linear routers)."""
+        w = self.router_weight(i)
+        return F.linear(x.reshape(-1, x.shape[-1]).float(), w.float())
+
+    def route(self, i: int, logits: torch.Tensor) -> RoutingDecision:
+        """:func:`route` with this model's spec and layer ``i``'s bias."""
+        return route(logits, self.spec, self.score_correction_bias(i))
+
+    def expert_weights(self, i: int) -> ExpertWeights:
+        """Canonical expert matrices of MoE layer ``i`` (views of the model's weights: do not
+        modify in place; use :meth:`set_expert_weights`)."""
+        layer = self._layer(i)
+        w = _read_experts(layer.experts, self.hidden_size)
+        w.shared = _read_mlp(layer.shared)
+        self._layouts[i] = w.layout
+        return w
+
+    def set_expert_weights(self, i: int, weights: ExpertWeights) -> None:
+        """Write canonical matrices back into the model's own layout at MoE layer ``i``."""
+        current = self.expert_weights(i)
+        for name in MATRIX_TYPES:
+            got, want = getattr(weights, name).shape, getattr(current, name).shape
+            if got != want:
+                raise ValueError(f"{name} has shape {tuple(got)}; layer {i} needs {tuple(want)}")
+        _write_experts(self._layer(i).experts, weights, current.layout)
+
+    def expert_outputs(
+        self,
+        i: int,
+        x: torch.Tensor,
+        with_activations: bool = False,
+        weights: ExpertWeights | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every routed expert of MoE layer ``i`` on inputs x [N, D]: outputs [E, N, D] and,
+        if asked, activations [E, N, F] (see :func:`expert_forward`)."""
+        w = weights if weights is not None else self.expert_weights(i)
+        with torch.no_grad():
+            return expert_forward(x, w, self.act_fn, with_activations=with_activations)
+
+    def parse_router_output(
+        self, i: int, output: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(logits [N, E], chosen indices [N, K] or None, weights [N, K] or None) from what the
+        router module returned."""
+        if isinstance(output, torch.Tensor):
+            return output, None, None
+        if isinstance(output, (tuple, list)) and len(output) >= 3:
+            return output[0], output[2], output[1]
+        raise ValueError(
+            f"router of MoE layer {i} returned {type(output).__name__}; expected logits or "
+            "(logits, weights, indices)"
+        )
+
+    def router_parameters(self, i: int) -> list[nn.Parameter]:
+        """Trainable parameters of MoE layer ``i``'s router."""
+        return [p for p in self._layer(i).router.parameters() if p.requires_grad]
+
+    def shared_router_parameters(self) -> list[nn.Parameter]:
+        """Trainable router parameters shared by all layers (rmoe's recurrent cell), else []."""
+        return []
+
+    def capture(self, store_inputs: int = 0, store_outputs: bool = False) -> RoutingCapture:
+        """A :class:`RoutingCapture` for this model (use with ``with``)."""
+        return RoutingCapture(self, store_inputs, store_outputs)
+
+    def describe(self) -> dict:
+        """JSON-ready summary: family, layers, spec, expert shapes and layout."""
+        w = self.expert_weights(0)
+        return {
+            "family": self.family,
+            "model_type": getattr(self.config, "model_type", None),
+            "num_moe_layers": self.num_layers,
+            "moe_layer_indices": self.layer_indices,
+            "routing": self.spec.to_dict(),
+            "expert_shape": {"E": w.num_experts, "F": int(w.act.shape[1]), "D": self.hidden_size},
+            "shared_expert_width": None if w.shared is None else int(w.shared["act"].shape[0]),
+            "expert_layout": w.layout,
+            "router_space": self.layers[0].router_space,
+        }

@@ -1,0 +1,227 @@
+"""References to a model's MoE layers and the forward-hook capture of their routing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from rmoe.analysis.adapters.spec import (
+    RoutingSpec,
+    _normalise,
+    _scores,
+    _selection_scores,
+    route,
+)
+from rmoe.analysis.adapters.weights import (
+    ExpertWeights,
+    expert_forward,
+)
+
+if TYPE_CHECKING:
+    from rmoe.analysis.adapters.base import MoEAdapter
+
+
+# --------------------------------------------------------------------------------------------
+# layers and capture
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoELayer:
+    """References to one MoE layer's modules.
+
+    Attributes:
+        index: position among the model's MoE layers (0-based).
+        layer_index: index of the decoder layer that holds it.
+        block: the MoE block (its input is the normalised FFN input x [B, T, D]).
+        router: the module that scores the experts (forward hooks go here).
+        experts: the routed-experts container.
+        shared: the shared-expert MLP, or None.
+        shared_gate: the shared expert's gate (Qwen2-MoE), or None.
+        router_space: what the router rows live in ("model width D", "router state P", ...).
+    """
+
+    index: int
+    layer_index: int
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    shared: nn.Module | None = None
+    shared_gate: nn.Module | None = None
+    router_space: str = "model width D"
+
+
+@dataclass
+class LayerCapture:
+    """What :class:`RoutingCapture` recorded for one MoE layer, tokens concatenated in order.
+
+    Attributes:
+        layer: MoE layer index; ``layer_index``: its decoder layer.
+        logits: [N, E] float32 router logits.
+        topk_idx: [N, K] int64 the experts the model chose, highest selection score first.
+        topk_weight: [N, K] float32 the model's combine weights, same order.
+        inputs: [n, D] float32 MoE inputs of the first n tokens (``store_inputs``), or None.
+        expert_outputs: [E, n, D] every expert's unweighted output on ``inputs``, or None.
+        activations: [E, n, F] intermediate activations act_fn(W_act x) on ``inputs``, or None.
+    """
+
+    layer: int
+    layer_index: int
+    spec: RoutingSpec = field(repr=False)
+    bias: torch.Tensor | None = field(repr=False)
+    logits: torch.Tensor = field(repr=False)
+    topk_idx: torch.Tensor = field(repr=False)
+    topk_weight: torch.Tensor = field(repr=False)
+    inputs: torch.Tensor | None = field(default=None, repr=False)
+    expert_outputs: torch.Tensor | None = field(default=None, repr=False)
+    activations: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        """N."""
+        return int(self.logits.shape[0])
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """[N, E] raw router scores (softmax or sigmoid of the logits), for rank analyses."""
+        return _scores(self.logits, self.spec)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """[N, E] scores normalised to sum to 1 (the router's softmax for softmax routers)."""
+        s = self.scores
+        return s if self.spec.score == "softmax" else _normalise(s)
+
+
+class RoutingCapture:
+    """Forward hooks on every router of a model; use as a context manager (see module doc).
+
+    Each forward pass inside the ``with`` block appends its tokens; :meth:`layer` returns them
+    concatenated. The model's own choice of experts is recorded (sorted by selection score);
+    when a router returns only logits (per-expert-module layouts), the choice is reproduced
+    with :func:`route`.
+
+    Args:
+        adapter: the model's adapter.
+        store_inputs: keep the MoE inputs x of the first this many tokens (0 = none).
+        store_outputs: also run every expert on the kept inputs and keep outputs [E, n, D] and
+            activations [E, n, F] (memory: E·n·(D + F) floats per layer).
+    """
+
+    def __init__(self, adapter: MoEAdapter, store_inputs: int = 0, store_outputs: bool = False):
+        if store_inputs < 0:
+            raise ValueError(f"store_inputs must be >= 0; got {store_inputs}")
+        if store_outputs and store_inputs == 0:
+            raise ValueError("store_outputs needs store_inputs > 0 (the tokens to run experts on)")
+        self.adapter = adapter
+        self.store_inputs = store_inputs
+        self.store_outputs = store_outputs
+        self._handles: list[Any] = []
+        self._records: list[dict[str, list[torch.Tensor]]] = []
+        self._stored: list[int] = []
+        self._weights: dict[int, ExpertWeights] = {}
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything recorded so far."""
+        n = self.adapter.num_layers
+        self._records = [
+            {k: [] for k in ("logits", "idx", "weight", "inputs", "outputs", "acts")}
+            for _ in range(n)
+        ]
+        self._stored = [0] * n
+
+    def __enter__(self) -> RoutingCapture:
+        if self._handles:
+            raise RuntimeError("this capture is already active")
+        for layer in self.adapter.layers:
+            self._handles.append(
+                layer.router.register_forward_hook(self._make_hook(layer.index), with_kwargs=True)
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _make_hook(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            self._record(i, x, output)
+
+        return hook
+
+    @torch.no_grad()
+    def _record(self, i: int, x: torch.Tensor, output: Any) -> None:
+        adapter = self.adapter
+        logits, idx, weight = adapter.parse_router_output(i, output)
+        logits = logits.detach().float().reshape(-1, adapter.spec.num_experts)
+        bias = adapter.score_correction_bias(i)
+        if idx is None:
+            decision = route(logits, adapter.spec, bias)
+            idx, weight = decision.topk_idx, decision.topk_weight
+        else:
+            idx = idx.detach().reshape(logits.shape[0], -1).long()
+            weight = weight.detach().float().reshape(idx.shape)
+            sel = _selection_scores(_scores(logits, adapter.spec), adapter.spec, bias)
+            order = sel.gather(1, idx).argsort(dim=1, descending=True, stable=True)
+            idx, weight = idx.gather(1, order), weight.gather(1, order)
+        rec = self._records[i]
+        rec["logits"].append(logits.cpu())
+        rec["idx"].append(idx.cpu())
+        rec["weight"].append(weight.float().cpu())
+        room = self.store_inputs - self._stored[i]
+        if room > 0 and x is not None:
+            xs = x.detach().reshape(-1, x.shape[-1])[:room].float()
+            self._stored[i] += xs.shape[0]
+            rec["inputs"].append(xs.cpu())
+            if self.store_outputs:
+                if i not in self._weights:
+                    self._weights[i] = adapter.expert_weights(i)
+                out, acts = expert_forward(
+                    xs, self._weights[i], adapter.act_fn, with_activations=True
+                )
+                rec["outputs"].append(out.cpu())
+                rec["acts"].append(acts.cpu())  # type: ignore[union-attr]
+
+    @property
+    def num_layers(self) -> int:
+        """Number of MoE layers hooked."""
+        return self.adapter.num_layers
+
+    def layer(self, i: int) -> LayerCapture:
+        """The recording of MoE layer ``i`` (raises if nothing was captured)."""
+        rec = self._records[i]
+        if not rec["logits"]:
+            raise ValueError(
+                f"nothing was captured for MoE layer {i}; run the model inside `with capture:`"
+            )
+
+        def cat(key: str, dim: int = 0) -> torch.Tensor | None:
+            return torch.cat(rec[key], dim=dim) if rec[key] else None
+
+        return LayerCapture(
+            layer=i,
+            layer_index=self.adapter.layers[i].layer_index,
+            spec=self.adapter.spec,
+            bias=self.adapter.score_correction_bias(i),
+            logits=cat("logits"),  # type: ignore[arg-type]
+            topk_idx=cat("idx"),  # type: ignore[arg-type]
+            topk_weight=cat("weight"),  # type: ignore[arg-type]
+            inputs=cat("inputs"),
+            expert_outputs=cat("outputs", 1),
+            activations=cat("acts", 1),
+        )
+
+    @property
+    def layers(self) -> list[LayerCapture]:
+        """:meth:`layer` for every MoE layer."""
+        return [self.layer(i) for i in range(self.num_layers)]
+
+    def __iter__(self) -> Iterator[LayerCapture]:
+        return iter(self.layers)
