@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from rmoe.analysis._dicts import asdict_without_none
 from rmoe.analysis._stats import adjacent_mean, nanmean, offdiag_mean
 from rmoe.analysis.routing.mutual_information import (
     binned_mutual_information_matrix,
@@ -66,10 +67,8 @@ class ModelRoutingSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (fields that were not computed are left out)."""
-        optional = {f.name for f in dataclasses.fields(self) if f.default is None}
-        return {
-            k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in optional
-        }
+        optional = [f.name for f in dataclasses.fields(self) if f.default is None]
+        return asdict_without_none(self, optional)
 
 
 @dataclass(frozen=True)

@@ -93,18 +93,10 @@ def routing_layer_stats(
 
 
 def routing_layer_metrics(
-    probs: ArrayLike,
-    topk: ArrayLike,
-    mask: ArrayLike | None = None,
-    entropy_bins: int = 50,
+    probs: ArrayLike, topk: ArrayLike, mask: ArrayLike | None = None, entropy_bins: int = 50
 ) -> dict:
-    """All single-layer routing metrics as one JSON-ready dict (:func:`routing_layer_stats`).
-
-    Args:
-        probs: [N, E] softmax over all experts.
-        topk: [N, K] chosen experts.
-        mask: optional [N] bool.
-        entropy_bins: histogram bins for the entropy summary.
+    """All single-layer routing metrics as one JSON-ready dict: :func:`routing_layer_stats`
+    (same arguments) as a dict.
 
     Returns:
         {"load": LoadStats dict, "entropy": EntropySummary dict, "inner_balance": float,
