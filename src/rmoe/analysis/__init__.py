@@ -1,12 +1,15 @@
 """Model-agnostic analyses of MoE routing and experts.
 
-* :mod:`rmoe.analysis.routing` — load, entropy, inner/outer balance, cross-layer MI, agreement.
+* :mod:`rmoe.analysis.routing` — load, entropy, inner/outer balance, cross-layer MI, agreement,
+  whole-model summaries and the trainer's routing statistics (the one home of routing stats).
 * :mod:`rmoe.analysis.experts` — weight/output similarity, neuron matching, PCA, rank counts,
   activation ratios, RMoE's diversity score (expert matrices in the canonical [E, F, D]).
 * :mod:`rmoe.analysis.plots` — matplotlib figure writers (import explicitly; needs matplotlib).
 * :mod:`rmoe.analysis.report` — ``metrics.json`` + ``report.html``.
 * :mod:`rmoe.analysis.adapters` — one interface over the MoE layers of rmoe and Hugging Face
   MoE families (router weights, canonical expert matrices, routing function, capture hooks).
+* :mod:`rmoe.analysis.pipeline` — the stages of ``rmoe analyze``: load -> capture -> metrics
+  -> figures (one function each, registered), passing typed records.
 * :mod:`rmoe.analysis.run` — :func:`analyze`, the whole analysis of one or two checkpoints
   (``rmoe analyze``); imported on first use since it needs matplotlib.
 
