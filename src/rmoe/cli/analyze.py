@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from typing import Any
+
+from rmoe.formatting import fmt_number
 
 EXAMPLE = """examples:
   rmoe analyze runs/tiny-rmoe --out analysis/rmoe
@@ -96,22 +96,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return f"{v:.4g}"
+def _num(value: object) -> str:
+    return fmt_number(value, ".4g")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the analysis, print where the report is and the key numbers."""
-    import torch
     from tqdm import tqdm
 
-    from rmoe.analysis.run import analyze, resolve_model_dir
+    from rmoe.loading import find_model_dir
+    from rmoe.runtime import set_threads
 
     paths = [args.path] + ([args.path2] if args.path2 else [])
     for path in paths:  # a clear one-line error before any heavy import or loading
-        resolve_model_dir(path)
+        find_model_dir(path)
+    from rmoe.analysis.run import analyze
+
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
 
     def progress(iterable, **kwargs):
         return tqdm(iterable, file=sys.stderr, leave=False, disable=args.no_progress, **kwargs)
@@ -150,12 +150,12 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(label) for _, label in _KEY_ROWS)
     print(f"{'':{width}}  " + "  ".join(f"{n:>12}" for n in names))
     for field, label in _KEY_ROWS:
-        print(f"{label:{width}}  " + "  ".join(f"{_fmt(key[n].get(field)):>12}" for n in names))
+        print(f"{label:{width}}  " + "  ".join(f"{_num(key[n].get(field)):>12}" for n in names))
     comparison = result.get("comparison") or {}
     if "top1_agreement_mean" in comparison:
         print(
-            f"routing agreement: top-1 {_fmt(comparison['top1_agreement_mean'])}, "
-            f"Jaccard {_fmt(comparison['jaccard_mean'])}"
+            f"routing agreement: top-1 {_num(comparison['top1_agreement_mean'])}, "
+            f"Jaccard {_num(comparison['jaccard_mean'])}"
         )
     print(f"time: {result['timing_seconds']['total']:.1f} s")
     return 0
