@@ -36,20 +36,17 @@ class RMoEAdapter(MoEAdapter):
     model_types = ("rmoe",)
 
     def _router_type(self) -> RouterTypeFacts:
-        """The one place this adapter looks at ``config.router_type``."""
+        """What the router registry says about ``config.router_type`` (the router class's
+        ``routing_space`` and ``uses_cell``)."""
+        from rmoe.registry import ROUTERS
+
         cfg = self.config
-        space = {
-            "linear": "model width D",
-            "random": "model width D (frozen)",
-            "mlp": "router MLP hidden layer",
-            "cosine": "expert embeddings (width D)",
-            "xmoe": f"expert embeddings (width {getattr(cfg, 'router_xmoe_dim', '?')})",
-            "recurrent": "router state P (per-layer scorer on h_i)",
-        }.get(getattr(cfg, "router_type", "linear"), "router")
         router = getattr(cfg, "router_type", "linear")
-        stateful = router == "recurrent"
-        if router == "recurrent":
-            router = f"recurrent:{cfg.router_cell}+{cfg.router_scorer}"
+        cls = ROUTERS.get(router)
+        space = cls.routing_space(cfg) if cls is not None else "router"
+        stateful = bool(cls is not None and cls.uses_cell)
+        if stateful:
+            router = f"{router}:{cfg.router_cell}+{cfg.router_scorer}"
             if not cfg.router_pass_state:
                 router += " (no state passing)"
         return RouterTypeFacts(space, router, stateful)
