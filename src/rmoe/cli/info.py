@@ -9,6 +9,7 @@ EXAMPLE = """examples:
   rmoe info tiny
   rmoe info enwik8-medium --set model.router_type=linear
   rmoe info runs/tiny-rmoe --json
+  rmoe info tiny --init-stats --set model.router_type=linear
 """
 
 
@@ -24,7 +25,33 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--init-stats",
+        action="store_true",
+        help="also build a freshly initialised model (seeded as training seeds it) and report "
+        "each MoE layer's router-logit std and normalised router entropy (1 = uniform) on a "
+        "random batch of 4 x min(seq_len, 128) token ids",
+    )
     return p
+
+
+def init_router_stats(cfg, seq_len: int, seed: int) -> dict[str, list[float]]:
+    """Router-logit std and normalised entropy per MoE layer of a model built from ``cfg`` and
+    initialised as ``rmoe train`` initialises it (``seed``), on random token ids."""
+    import torch
+
+    from rmoe.analysis.routing import router_logit_stats
+    from rmoe.modeling import RMoEForCausalLM
+    from rmoe.runtime import seed_everything
+
+    seed_everything(seed)
+    model = RMoEForCausalLM(cfg)
+    model.init_weights_seeded(seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (4, min(seq_len, 128)), generator=g)
+    with torch.no_grad():
+        out = model.eval()(input_ids=ids, use_cache=False, output_router_logits=True)
+    return router_logit_stats(out.router_logits)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from rmoe.training import load_config
 
     target = Path(args.target)
-    seq_len = args.seq_len
+    seq_len, seed = args.seq_len, 0
     if target.is_dir():
         cfg = RMoEConfig.from_pretrained(find_model_dir(target))
     else:
@@ -44,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         vocab = tc.model.get("vocab_size", 258)
         cfg = tc.model_config(vocab_size=vocab)
         seq_len = seq_len or tc.data.seq_len
+        seed = tc.train.seed
     counts = count_config(cfg, seq_len)
     info = {
         "router_type": cfg.router_type,
@@ -54,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         "experts": f"{cfg.num_experts} x width {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}",
         **counts.to_dict(),
     }
+    if args.init_stats:
+        info["init_router"] = init_router_stats(cfg, counts.seq_len, seed)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -69,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"forward FLOPs/token: {counts.forward_flops_per_token:,} (router {counts.router_flops_per_token:,}; seq_len {counts.seq_len})"
     )
+    if "init_router" in info:
+        st = info["init_router"]
+        stds = ", ".join(f"{v:.3g}" for v in st["logit_std"])
+        ents = ", ".join(f"{v:.4f}" for v in st["entropy"])
+        print(f"router logits at init (per MoE layer): std {stds}; normalised entropy {ents}")
     return 0
 
 

@@ -55,6 +55,7 @@ from rmoe.analysis.routing.mutual_information import (
 )
 from rmoe.analysis.routing.summary import (
     RoutingLayerStats,
+    router_logit_stats,
     routing_layer_metrics,
     routing_layer_stats,
     routing_summary,
@@ -84,6 +85,7 @@ __all__ = [
     "routing_agreement",
     "routing_layer_metrics",
     "routing_layer_stats",
+    "router_logit_stats",
     "routing_summary",
     "training_log_stats",
 ]

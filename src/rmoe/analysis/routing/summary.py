@@ -172,3 +172,20 @@ def training_log_stats(router_logits: Sequence[Any], k: int) -> dict[str, list[f
         out["entropy"].append(torch_normalized_entropy(p).mean().item())
         out["aux"].append(load_balancing_loss(p, idx).item())
     return out
+
+
+def router_logit_stats(router_logits: Sequence[Any]) -> dict[str, list[float]]:
+    """Per MoE layer, how sharp the router is: the standard deviation of its logits (torch
+    [N, E] each, over all tokens and experts) and the mean normalised entropy H / ln E of its
+    softmax (1 = uniform routing). ``rmoe info --init-stats`` reports these for a freshly
+    initialised model."""
+    import torch
+
+    from rmoe.modeling.losses import normalized_entropy as torch_normalized_entropy
+
+    out: dict[str, list[float]] = {"logit_std": [], "entropy": []}
+    for logits in router_logits:
+        z = logits.detach().float()
+        out["logit_std"].append(z.std(unbiased=False).item())
+        out["entropy"].append(torch_normalized_entropy(torch.softmax(z, -1)).mean().item())
+    return out
