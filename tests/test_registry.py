@@ -135,12 +135,15 @@ def test_each_class_counts_its_own_parameters_and_macs(kw, bias):
         assert sum(p.numel() for p in router.parameters()) == layer_p
     if cell is not None:
         assert sum(p.numel() for p in cell.parameters()) == cell_p
+    shared = model.model.router_shared
+    shared_p = cls.shared_counts(cfg)[0]
+    assert (0 if shared is None else sum(p.numel() for p in shared.parameters())) == shared_p
     n_moe = len(cfg.moe_layer_indices)
     assert count_config(cfg).router_params == parameter_counts(model)["router"]
-    assert count_config(cfg).router_params == n_moe * layer_p + cell_p
+    assert count_config(cfg).router_params == n_moe * layer_p + cell_p + shared_p
     n = 7
     x = torch.randn(n, cfg.hidden_size)
-    macs = _matmul_macs(model.model.layers[0].moe.router, x, None, cell)
+    macs = _matmul_macs(model.model.layers[0].moe.router, x, None, cell, shared)
     assert macs == n * (layer_m + cell_m)
 
 

@@ -3,7 +3,8 @@
 Every field is documented below, in the class docstring, next to its default. Field names
 follow transformers' MoE conventions (Mixtral / Qwen2-MoE / OLMoE) wherever one exists.
 
-The names accepted by `router_type`, `router_scorer`, `router_cell` and `experts_backend` are
+The names accepted by `router_type`, `router_scorer`, `router_cell`, `router_score_func`,
+`router_aux_loss_type` and `experts_backend` are
 those registered in `rmoe.registry` (by the classes and functions of `rmoe.modeling`);
 validation reads the registry, so a new router is valid as soon as its class is registered.
 """
@@ -17,9 +18,12 @@ from transformers import PretrainedConfig
 from .registry import (
     AUTO_BACKEND,
     BACKENDS,
+    BALANCERS,
     CELLS,
     GW_SELECTIONS,
+    ROUTER_INITS,
     ROUTERS,
+    SCORE_FUNCS,
     SCORERS,
     check_choice,
 )
@@ -89,8 +93,10 @@ class RMoEConfig(PretrainedConfig):
         router_type (str, "recurrent"): a name in `rmoe.registry.ROUTERS`: "linear" (SMoE: W x), "mlp" (2-layer GELU MLP),
             "cosine" (cosine to expert embeddings, learnable temperature), "xmoe" (down-project to
             `router_xmoe_dim`, L2-normalise, cosine, temperature), "random" (frozen random
-            linear), "recurrent" (RMoE: per-layer projection D->P, one cell shared by all MoE
-            layers carrying a per-token state over depth, per-layer scorer on the state).
+            linear), "shared" (Omni-Router, arXiv 2507.05724: ONE linear router weight shared by
+            every MoE layer, owned by the model as `router_shared`), "recurrent" (RMoE:
+            per-layer projection D->P, one cell shared by all MoE layers carrying a per-token
+            state over depth, per-layer scorer on the state).
         router_dim (int, 128): P, the recurrent router's state width.
         router_cell (str, "gru"): the shared cell (`rmoe.registry.CELLS`): "gru", "rnn" (tanh)
             or "lstm".
@@ -100,7 +106,28 @@ class RMoEConfig(PretrainedConfig):
         router_pass_state (bool, True): pass the state from layer to layer. False = RMoE-NP: every
             layer starts from h_0 = 0 (same parameters and FLOPs).
         router_detach_state (bool, False): pass the state but stop its gradient.
-        router_bias (bool, False): biases on router projections and linear scorers.
+        router_share_proj (bool, False): "S-proj" (RMoE paper, section 5): one projector D->P
+            shared by every MoE layer (owned by the model as `router_shared`) instead of one
+            per layer. Routers with a cell only.
+        router_logit_residual (float, 0.0): alpha of the RMoE paper's "r-alpha" ablation: layer
+            i's logits += alpha * layer i-1's (final) logits, before the score function
+            (RealFormer-style residual; the paper uses 0.5 and 1; "NP + r-alpha" pairs it with
+            router_pass_state=False). Any router; 0 = off. The carried state then ends with
+            the layer's E logits.
+        router_detach_residual (bool, False): "detach-r": the residual logits are detached (no
+            gradient flows into the previous layer through them).
+        router_score_func (str, "softmax"): `rmoe.registry.SCORE_FUNCS`: "softmax" over all
+            experts, or "sigmoid" (DeepSeek-V3, arXiv 2412.19437: per-expert sigmoid, top-k,
+            the selected scores renormalised when `norm_topk_prob`). Balance losses, entropies
+            and GW-MoE read the scores normalised to sum to one.
+        router_scale (float, 1.0): routed scaling factor multiplying the combine weights
+            (DeepSeek-V3 uses 2.5 with 256 experts, top-8).
+        router_init (str, "normal"): init of the router's linear layers (projections, linear
+            and MLP scorers, the shared router weight, the XMoE down-projection): "normal"
+            (N(0, router_init_std), zero biases) or "uniform" (PyTorch's nn.Linear default,
+            U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias).
+        router_init_std (float | None, None): std of the "normal" router init (None =
+            initializer_range).        router_bias (bool, False): biases on router projections and linear scorers.
         router_mlp_hidden (int | None, None): hidden width of the "mlp" router (None = hidden_size).
         router_xmoe_dim (int, 16): low dimension of the "xmoe" router/scorer.
         router_temperature_init (float, 0.07): initial temperature of cosine/xmoe scorers
@@ -108,11 +135,32 @@ class RMoEConfig(PretrainedConfig):
         router_jitter (float, 0.0): multiplicative jitter on the router input in training,
             x * U(1 - eps, 1 + eps) (Switch Transformer); 0 = off.
 
-    Losses
-        router_aux_loss_coef (float, 0.01): weight of the Switch load-balancing loss. The loss is
-            computed per MoE layer (f_e = share of the layer's top-k assignments to expert e,
-            P_e = mean router probability of e; loss_l = E * sum_e f_e P_e, which is 1 under
-            uniform routing) and averaged over MoE layers. Always computed in training.
+    Balancing and capacity
+        router_aux_loss_coef (float, 0.01): weight of the balance loss (0 = not added, still
+            reported). Computed per MoE layer, averaged over MoE layers; always in training.
+        router_aux_loss_type (str, "switch"): the balance loss, `rmoe.registry.BALANCERS`:
+            "switch" (Switch Transformer, per micro-batch: f_e = share of the layer's top-k
+            assignments to expert e, P_e = mean router probability of e, loss = E * sum_e f_e
+            P_e, 1 under uniform routing); "sequence" (DeepSeek-V3's complementary
+            sequence-wise loss: the same per sequence, then the mean over sequences); "global"
+            (Qiu et al., arXiv 2501.11873: f from the counts all-reduced over data-parallel
+            ranks and accumulated over the optimizer step's micro-batches so far, P local;
+            exact for the global batch after the step's last micro-batch, see
+            `rmoe.modeling.balancing.GlobalBalance`).
+        router_expert_bias (bool, False): auxiliary-loss-free balancing (Wang et al., arXiv
+            2408.15664; DeepSeek-V3): a per-layer expert bias b [E] (a float32 buffer saved with
+            the model, never trained) added to the scores for choosing the top-k only, never to
+            the combine weights; after each optimizer step b += rate * sign(mean load - load)
+            from the step's loads (summed over accumulation, all-reduced over ranks), see
+            `rmoe.modeling.balancing`. Combine with router_aux_loss_coef=0 (pure loss-free) or a
+            small "sequence" loss (DeepSeek-V3: 1e-4).
+        router_bias_update_rate (float, 0.001): the bias update speed gamma (DeepSeek-V3: 1e-3).
+        capacity_factor (float | None, None): Switch/GShard capacity in training: each expert
+            takes at most ceil(capacity_factor * N * K / E) of a micro-batch's N*K assignments,
+            the highest-scoring ones; a dropped assignment contributes zero (the residual
+            stream carries the token). None = dropless.
+        eval_capacity_factor (float | None, None): the same outside training mode (evaluation,
+            generation); None = dropless.
         router_z_loss_coef (float, 0.0): weight of the router z-loss mean(logsumexp(logits)^2),
             averaged over MoE layers; 0 = not added (still reported).
         output_router_logits (bool, False): return each MoE layer's router logits.
@@ -168,7 +216,19 @@ class RMoEConfig(PretrainedConfig):
         router_xmoe_dim: int = 16,
         router_temperature_init: float = 0.07,
         router_jitter: float = 0.0,
+        router_share_proj: bool = False,
+        router_logit_residual: float = 0.0,
+        router_detach_residual: bool = False,
+        router_score_func: str = "softmax",
+        router_scale: float = 1.0,
+        router_init: str = "normal",
+        router_init_std: float | None = None,
         router_aux_loss_coef: float = 0.01,
+        router_aux_loss_type: str = "switch",
+        router_expert_bias: bool = False,
+        router_bias_update_rate: float = 0.001,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
         router_z_loss_coef: float = 0.0,
         output_router_logits: bool = False,
         gw_entropy_threshold: float | None = None,
@@ -218,7 +278,19 @@ class RMoEConfig(PretrainedConfig):
         self.router_xmoe_dim = router_xmoe_dim
         self.router_temperature_init = router_temperature_init
         self.router_jitter = router_jitter
+        self.router_share_proj = router_share_proj
+        self.router_logit_residual = router_logit_residual
+        self.router_detach_residual = router_detach_residual
+        self.router_score_func = router_score_func
+        self.router_scale = router_scale
+        self.router_init = router_init
+        self.router_init_std = router_init_std
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_aux_loss_type = router_aux_loss_type
+        self.router_expert_bias = router_expert_bias
+        self.router_bias_update_rate = router_bias_update_rate
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.router_z_loss_coef = router_z_loss_coef
         self.output_router_logits = output_router_logits
         self.gw_entropy_threshold = gw_entropy_threshold
@@ -293,6 +365,30 @@ class RMoEConfig(PretrainedConfig):
         if self.router_temperature_init <= 0:
             raise ValueError("router_temperature_init must be > 0")
         check_gw_policy(self.gw_entropy_threshold, self.gw_max_tokens_per_seq, self.gw_selection)
+        self._validate_router_options()
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def _validate_router_options(self) -> None:
+        """The score function, balancing, capacity and router-init fields."""
+        check_choice("router_score_func", self.router_score_func, SCORE_FUNCS)
+        check_choice("router_aux_loss_type", self.router_aux_loss_type, BALANCERS)
+        check_choice("router_init", self.router_init, ROUTER_INITS)
+        if self.router_share_proj and not ROUTERS.lookup(self.router_type).uses_cell:
+            cell_routers = list(ROUTERS.names(lambda cls: cls.uses_cell))
+            raise ValueError(
+                f"router_share_proj shares the recurrent projector; router_type="
+                f"{self.router_type!r} has none (use one of {cell_routers})"
+            )
+        for name in ("router_logit_residual", "router_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.router_scale <= 0:
+            raise ValueError(f"router_scale must be > 0, got {self.router_scale}")
+        if self.router_init_std is not None and self.router_init_std <= 0:
+            raise ValueError(f"router_init_std must be > 0 or None, got {self.router_init_std}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 (or None = dropless), got {value}")

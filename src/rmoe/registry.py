@@ -1,7 +1,8 @@
-"""The names of rmoe's interchangeable parts: routers, scorers, recurrent cells, dispatch backends.
+"""The names of rmoe's interchangeable parts: routers, scorers, recurrent cells, score functions,
+balance losses, dispatch backends.
 
 Each `Registry` maps a config value (``RMoEConfig.router_type``, ``router_scorer``,
-``router_cell``, ``experts_backend``) to the object that implements it. Entries are added once,
+``router_cell``, ``router_score_func``, ``router_aux_loss_type``, ``experts_backend``) to the object that implements it. Entries are added once,
 when their home module is imported, by ``@REGISTRY.register`` on a class that carries its name
 as the class attribute ``name`` (or ``REGISTRY.add(name, obj)`` for a function). A name is
 spelled in exactly one place: where its class or function is defined.
@@ -13,6 +14,8 @@ entries are there whatever was imported first. After import nothing is ever adde
     ROUTERS    router_type     -> a `rmoe.modeling.routing.Router` subclass (logits producer)
     SCORERS    router_scorer   -> a scorer module class (in_dim -> E logits)
     CELLS      router_cell     -> a `rmoe.modeling.routing.RecurrentCell` subclass
+    SCORE_FUNCS router_score_func -> a `rmoe.modeling.routing.ScoreFunction` (softmax, sigmoid)
+    BALANCERS  router_aux_loss_type -> a `rmoe.modeling.balancing.Balancer` subclass
     BACKENDS   experts_backend -> a dispatch function (`rmoe.modeling.experts`); the config
                                   also accepts `AUTO_BACKEND`, which picks one at run time
 """
@@ -29,6 +32,10 @@ AUTO_BACKEND = "auto"
 
 GW_SELECTIONS = ("entropy", "random")
 """GW-MoE token selections: by router entropy (GW-MoE), or the same count at random (control)."""
+
+
+ROUTER_INITS = ("normal", "uniform")
+"""`router_init`: N(0, router_init_std or initializer_range), or PyTorch's nn.Linear default."""
 
 
 def nearest(name: object, choices: Iterable[str]) -> str:
@@ -103,4 +110,6 @@ class Registry(Mapping[str, Any]):
 ROUTERS = Registry("router_type", "rmoe.modeling.routing")
 SCORERS = Registry("router_scorer", "rmoe.modeling.routing")
 CELLS = Registry("router_cell", "rmoe.modeling.routing")
+SCORE_FUNCS = Registry("router_score_func", "rmoe.modeling.routing")
+BALANCERS = Registry("router_aux_loss_type", "rmoe.modeling.balancing")
 BACKENDS = Registry("experts_backend", "rmoe.modeling.experts")

@@ -31,7 +31,7 @@ def test_moe_output_equals_dense_oracle(router_type, shared):
     cell = model.model.router_cell
     x = torch.randn(2, 5, cfg.hidden_size)
     state = None if cell is None else torch.randn(10, cell.state_dim)
-    out = block(x, state, cell)
+    out = block(x, state, cell, shared=model.model.router_shared)
     torch.testing.assert_close(
         out.hidden, dense_oracle(block, x, out.routing), rtol=1e-5, atol=1e-6
     )

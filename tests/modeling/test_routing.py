@@ -116,7 +116,7 @@ def test_random_router_is_frozen():
 
 
 def test_every_router_is_registered():
-    assert set(ROUTERS) == {"linear", "mlp", "cosine", "xmoe", "random", "recurrent"}
+    assert set(ROUTERS) == {"linear", "mlp", "cosine", "xmoe", "random", "shared", "recurrent"}
 
 
 @pytest.mark.parametrize("scorer", ["linear", "cosine", "xmoe"])

@@ -7,14 +7,19 @@ embedding lookup. Attention's score and value products use the average causal co
 
 Router cost per MoE layer (multiply-adds per token), with D width, E experts, P state width:
     linear / random   D*E
+    shared            D*E                  (one weight for all layers: D*E parameters once)
     mlp               D*Hm + Hm*E
     cosine            D*E
     xmoe              D*r + r*E            (r = router_xmoe_dim)
     recurrent         D*P + G*2*P^2 + scorer(P)   (G = 3 gru, 1 rnn, 4 lstm; the cell's
                       input and hidden products are both counted, also for h_0 = 0, so RMoE,
-                      RMoE-NP and detached RMoE cost the same)
+                      RMoE-NP and detached RMoE cost the same; S-proj counts the projector's
+                      parameters once and its multiply-adds per layer)
+Score functions, the expert bias (a buffer, not a parameter), the logit residual and capacity
+add no matmuls and no parameters.
 Each registered router class gives its own count (`Router.layer_counts`, from its scorer's
-`Scorer.counts`), and each cell class its own (`RecurrentCell.counts`).
+`Scorer.counts`, and `Router.shared_counts` for the module all layers share), and each cell
+class its own (`RecurrentCell.counts`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ class ModelCounts:
     Attributes:
         total_params: every parameter (embeddings, frozen router weights included).
         active_params: parameters used per token (K of E routed experts).
-        router_params: all routers' parameters, including the shared recurrent cell.
+        router_params: all routers' parameters, including the shared recurrent cell and the
+            router module shared by all layers.
         expert_params: routed experts' parameters (all E, all layers).
         embedding_params: input embedding + LM head (once if tied).
         forward_flops_per_token: 2 x matmul multiply-adds per token, forward pass.
@@ -87,12 +93,15 @@ def count_config(cfg: RMoEConfig, seq_len: int | None = None) -> ModelCounts:
     attn_p = d * qd + 2 * d * kvd + qd * d
     norms = 2 * d * cfg.num_hidden_layers + d
     expert_p = n_moe * e * 3 * d * f
-    shared_p = n_moe * 3 * d * shared_f
+    shared_exp_p = n_moe * 3 * d * shared_f
     dense_p = n_dense * 3 * d * cfg.intermediate_size
     r_layer_p, r_layer_m = router_layer_counts(cfg)
     cell_p, cell_m = cell_counts(cfg)
-    router_p = n_moe * r_layer_p + cell_p
-    total = emb + cfg.num_hidden_layers * attn_p + norms + expert_p + shared_p + dense_p + router_p
+    shared_p = ROUTERS.lookup(cfg.router_type).shared_counts(cfg)[0]
+    router_p = n_moe * r_layer_p + cell_p + shared_p
+    total = (
+        emb + cfg.num_hidden_layers * attn_p + norms + expert_p + shared_exp_p + dense_p + router_p
+    )
     active = total - expert_p + n_moe * k * 3 * d * f
 
     ctx = (seq_len + 1) / 2
@@ -121,7 +130,8 @@ def count_config(cfg: RMoEConfig, seq_len: int | None = None) -> ModelCounts:
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Count a built model's parameters by part (shared tensors counted once).
 
-    Returns dict with total, trainable, router (router modules + shared cell), experts.
+    Returns dict with total, trainable, router (router modules, the shared cell and the
+    shared router module), experts.
     """
     seen: set[int] = set()
     out = {"total": 0, "trainable": 0, "router": 0, "experts": 0}
@@ -133,7 +143,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         out["total"] += n
         if p.requires_grad:
             out["trainable"] += n
-        if ".router." in f".{name}" or "router_cell" in name:
+        if any(f".{part}." in f".{name}" for part in ("router", "router_cell", "router_shared")):
             out["router"] += n
         elif ".experts." in f".{name}":
             out["experts"] += n

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..config import RMoEConfig, check_gw_policy
+from .balancing import build_balancer
 from .experts import DenseMLP, Experts
-from .losses import load_balancing_loss, normalized_entropy, router_z_loss
+from .losses import normalized_entropy, router_z_loss
 from .routing import RecurrentCell, RoutingResult, build_router
 
 
@@ -133,6 +134,7 @@ class MoEBlock(nn.Module):
         self.num_experts = config.num_experts
         self.gw_policy = GWPolicy.from_config(config)
         self.router = build_router(config)
+        self.balancer = build_balancer(config)
         self.experts = Experts(
             config.num_experts,
             config.hidden_size,
@@ -155,6 +157,8 @@ class MoEBlock(nn.Module):
         cell: RecurrentCell | None = None,
         token_mask: torch.Tensor | None = None,
         compute_losses: bool = True,
+        *,
+        shared: nn.Module | None = None,
     ) -> MoEOutput:
         """Route, dispatch and combine.
 
@@ -164,10 +168,14 @@ class MoEBlock(nn.Module):
             cell: the model's shared recurrent cell, or None.
             token_mask: [B, T] True for real tokens (padding excluded from the losses).
             compute_losses: compute the balance and z losses.
+            shared: the model's module shared by every layer's router, or None.
         """
         b, t, d = x.shape
         xf = x.reshape(b * t, d)
-        routing = self.router(xf, state, cell)
+        mask = None if token_mask is None else token_mask.reshape(-1)
+        routing = self.router(xf, state, cell, shared)
+        if self.training and self.router.expert_bias is not None:
+            self.router.record_load(routing.topk_idx, mask)
         y = self.experts(xf, routing.topk_idx, routing.topk_weight)
 
         gw_tokens = 0
@@ -194,7 +202,6 @@ class MoEBlock(nn.Module):
 
         aux = z = None
         if compute_losses:
-            mask = None if token_mask is None else token_mask.reshape(-1)
-            aux = load_balancing_loss(routing.probs, routing.topk_idx, mask)
+            aux = self.balancer(routing, (b, t), mask)
             z = router_z_loss(routing.logits, mask)
         return MoEOutput(y.view(b, t, d), routing, aux, z, gw_tokens)

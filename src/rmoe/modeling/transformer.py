@@ -15,7 +15,6 @@ starting from None (= h_0 = 0); it is never stored on a module and never recurre
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,14 +23,13 @@ import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.utils import ModelOutput
 
 from ..config import RMoEConfig
 from .experts import DenseMLP, OutputProjection
 from .losses import training_loss
 from .moe import GWPolicy, MoEBlock
-from .routing import RecurrentCell, RoutingResult, build_router_cell
+from .outputs import _CACHE_FIELD, RMoECausalLMOutput, RMoEModelOutput
+from .routing import RecurrentCell, build_router_cell, build_shared_router
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as _init
@@ -39,11 +37,6 @@ except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init  # type: ignore[assignment]
 
 _TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
-# transformers renamed the KV-cache argument/output `past_key_values` -> `cache` during 5.x;
-# outputs carry whichever name the installed version's generation code reads.
-_CACHE_FIELD = (
-    "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +212,7 @@ class DecoderLayer(nn.Module):
         cache: Cache | None,
         router_state: torch.Tensor | None,
         router_cell: RecurrentCell | None,
+        router_shared: nn.Module | None = None,
         token_mask: torch.Tensor | None,
         compute_losses: bool,
     ):
@@ -231,6 +225,7 @@ class DecoderLayer(nn.Module):
             cache: the KV cache, or None.
             router_state: [N, state_dim] the router state from the previous MoE layer, or None.
             router_cell: the model's shared recurrent cell, or None.
+            router_shared: the model's module shared by every layer's router, or None.
             token_mask: [B, T] True for real tokens, or None.
             compute_losses: compute the MoE block's balance and z losses.
 
@@ -247,65 +242,18 @@ class DecoderLayer(nn.Module):
             cell=router_cell,
             token_mask=token_mask,
             compute_losses=compute_losses,
+            shared=router_shared,
         )
         return h + self.drop(out.hidden), out.routing.state, out
 
 
 # ----------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class RMoEModelOutput(ModelOutput):
-    """Output of `RMoEModel`.
-
-    last_hidden_state [B, T, D]; cache (named past_key_values on transformers versions before
-    the rename): the KV cache; hidden_states: per-layer inputs + final (if asked);
-    router_logits: tuple over MoE layers of [N, E] float32 (if asked); routing: tuple over MoE
-    layers of `RoutingResult` (if `output_routing=True`); aux_loss / z_loss: unscaled scalars
-    averaged over MoE layers; gw_tokens: tokens broadcast by GW-MoE, summed over layers.
-    """
-
-    last_hidden_state: torch.Tensor | None = None
-    if _CACHE_FIELD == "cache":
-        cache: Cache | None = None
-    else:  # pragma: no cover - older transformers
-        past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    routing: tuple[RoutingResult, ...] | None = None
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-    gw_tokens: int | None = None
-
-
-@dataclass
-class RMoECausalLMOutput(ModelOutput):
-    """Output of `RMoEForCausalLM`.
-
-    loss: LM cross-entropy + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
-    (when labels are given); lm_loss: the cross-entropy alone; logits [B, T, V]; the rest as in
-    `RMoEModelOutput`. aux_loss and z_loss are unscaled (multiply by the coefficients to get the
-    amounts added to `loss`).
-    """
-
-    loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    if _CACHE_FIELD == "cache":
-        cache: Cache | None = None
-    else:  # pragma: no cover - older transformers
-        past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    routing: tuple[RoutingResult, ...] | None = None
-    gw_tokens: int | None = None
-
-
-# ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
+_SHARED_ROUTER_PARTS = ("router_cell", "router_shared")
+"""The model-level router modules (seeded from the router stream, counted as router)."""
+
+
 class RMoEPreTrainedModel(PreTrainedModel):
     """Weight initialisation and transformers plumbing shared by the rmoe models."""
 
@@ -371,7 +319,7 @@ class RMoEPreTrainedModel(PreTrainedModel):
         g_main = torch.Generator().manual_seed(int(seed))
         g_router = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919)
         for name, module in self.named_modules():
-            is_router = ".router." in f".{name}." or name.endswith("router_cell")
+            is_router = any(f".{r}." in f".{name}." for r in ("router", *_SHARED_ROUTER_PARTS))
             device_ok = all(p.device.type == "cpu" for p in module.parameters(recurse=False))
             if not device_ok:
                 raise ValueError(
@@ -392,8 +340,10 @@ class RMoEModel(RMoEPreTrainedModel):
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # ONE cell shared by every MoE layer's router (None unless router_type="recurrent").
+        # ONE cell shared by every MoE layer's router (None unless router_type="recurrent"),
+        # and the router module every layer shares (Omni-Router's weight, S-proj), or None.
         self.router_cell = build_router_cell(config)
+        self.router_shared = build_shared_router(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -471,6 +421,7 @@ class RMoEModel(RMoEPreTrainedModel):
                 cache=cache,
                 router_state=state,
                 router_cell=self.router_cell,
+                router_shared=self.router_shared,
                 token_mask=token_mask,
                 compute_losses=compute_router_losses,
             )

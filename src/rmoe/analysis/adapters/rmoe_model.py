@@ -102,7 +102,8 @@ class RMoEAdapter(MoEAdapter):
                 "layer; run the model inside adapter.capture() to record them"
             )
         with torch.no_grad():
-            logits, _ = router.compute_logits(x.reshape(-1, x.shape[-1]), None, None)
+            shared = getattr(getattr(self.model, "model", self.model), "router_shared", None)
+            logits, _ = router.compute_logits(x.reshape(-1, x.shape[-1]), None, None, shared)
         return logits.float()
 
     def parse_router_output(
