@@ -9,10 +9,41 @@ import torch
 
 import rmoe  # noqa: F401  (registers the Auto classes)
 from rmoe import RMoEConfig
+from rmoe.modeling.routing import router_presets
 from rmoe.registry import ROUTERS
 from rmoe.training.config import from_dict
 
 ROUTER_TYPES = list(ROUTERS)  # every registered router
+
+
+def _variants() -> dict[str, dict]:
+    """Router stage combinations the model-level tests run: every registered router (softmax),
+    the recurrent ablations (NP + r-alpha, detach-r, S-proj), each new producer with sigmoid
+    scoring, and sigmoid + expert bias + routed scale + capacity on a linear and a recurrent
+    router."""
+    presets = router_presets()
+    out = {name: {"router_type": name} for name in ROUTERS}
+    for name in ("recurrent-np-r0.5", "recurrent-detach-r", "recurrent-sproj"):
+        out[name] = dict(presets[name])
+    out["linear-r1"] = {"router_type": "linear", "router_logit_residual": 1.0}
+    for name in ("linear", "shared", "recurrent", "recurrent-np-r0.5", "recurrent-sproj"):
+        out[f"{name}+sigmoid"] = {**out[name], "router_score_func": "sigmoid"}
+    extra = dict(
+        router_score_func="sigmoid",
+        router_expert_bias=True,
+        router_scale=2.0,
+        capacity_factor=1.0,
+        router_aux_loss_type="sequence",
+    )
+    out["linear+sigmoid+bias+capacity"] = {"router_type": "linear", **extra}
+    out["recurrent+sigmoid+bias+capacity"] = {"router_type": "recurrent", **extra}
+    return out
+
+
+ROUTER_VARIANTS = _variants()
+"""id -> RMoEConfig keys, for tests parametrised over router stage combinations."""
+NEW_VARIANTS = {k: v for k, v in ROUTER_VARIANTS.items() if k not in ROUTERS or k == "shared"}
+"""The variants issue 12 added (new producers, score functions, bias, capacity)."""
 
 
 def tiny_config(**overrides) -> RMoEConfig:
@@ -32,6 +63,15 @@ def tiny_config(**overrides) -> RMoEConfig:
     )
     kw.update(overrides)
     return RMoEConfig(**kw)
+
+
+def randomize_expert_biases(model, scale: float = 0.3, seed: int = 0) -> None:
+    """Give every router's expert bias (if any) random values, so tests exercise it."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        bias = getattr(module, "expert_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_(torch.randn(bias.shape, generator=g) * scale)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tests.conftest import ROUTER_TYPES, tiny_config
+from tests.conftest import ROUTER_VARIANTS, randomize_expert_biases, tiny_config
 
 from rmoe import RMoEConfig, RMoEForCausalLM
 from rmoe.modeling import GWPolicy
@@ -22,15 +22,19 @@ def dense_oracle(block: MoEBlock, x: torch.Tensor, routing) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+@pytest.mark.parametrize("variant", list(ROUTER_VARIANTS))
 @pytest.mark.parametrize("shared", [0, 1])
-def test_moe_output_equals_dense_oracle(router_type, shared):
-    cfg = tiny_config(router_type=router_type, num_shared_experts=shared)
-    model = RMoEForCausalLM(cfg)  # initialised weights
+def test_moe_output_equals_dense_oracle(variant, shared):
+    cfg = tiny_config(num_shared_experts=shared, **ROUTER_VARIANTS[variant])
+    model = RMoEForCausalLM(cfg)  # initialised weights, training mode (capacity applies)
+    randomize_expert_biases(model)
     block = model.model.layers[0].moe
     cell = model.model.router_cell
     x = torch.randn(2, 5, cfg.hidden_size)
-    state = None if cell is None else torch.randn(10, cell.state_dim)
+    width = (0 if cell is None else cell.state_dim) + (
+        cfg.num_experts if cfg.router_logit_residual else 0
+    )
+    state = torch.randn(10, width) if width else None
     out = block(x, state, cell, shared=model.model.router_shared)
     torch.testing.assert_close(
         out.hidden, dense_oracle(block, x, out.routing), rtol=1e-5, atol=1e-6

@@ -1,15 +1,18 @@
 import pytest
 import torch
-from tests.conftest import ROUTER_TYPES, tiny_config
+from tests.conftest import ROUTER_VARIANTS, randomize_expert_biases, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from rmoe import RMoEConfig, RMoEForCausalLM, RMoEModel
 
 
-@pytest.mark.parametrize("router_type", ROUTER_TYPES)
-def test_save_load_identical_logits(tmp_path, router_type):
-    cfg = tiny_config(router_type=router_type, num_shared_experts=1, mlp_only_layers=[1])
+@pytest.mark.parametrize("variant", list(ROUTER_VARIANTS))
+def test_save_load_identical_logits(tmp_path, variant):
+    kw = ROUTER_VARIANTS[variant]
+    router_type = kw["router_type"]
+    cfg = tiny_config(num_shared_experts=1, mlp_only_layers=[1], **kw)
     model = RMoEForCausalLM(cfg).eval()
+    randomize_expert_biases(model)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -52,10 +55,11 @@ def _greedy_no_cache(model, ids, n):
     return ids
 
 
-@pytest.mark.parametrize("router_type", ROUTER_TYPES)
-def test_generate_with_cache_equals_recompute(router_type):
-    cfg = tiny_config(router_type=router_type)
+@pytest.mark.parametrize("variant", list(ROUTER_VARIANTS))
+def test_generate_with_cache_equals_recompute(variant):
+    cfg = tiny_config(**ROUTER_VARIANTS[variant])
     model = RMoEForCausalLM(cfg).double().eval()
+    randomize_expert_biases(model)
     prompt = torch.randint(0, 256, (2, 5))
     ref = _greedy_no_cache(model, prompt, 8)
     out = model.generate(
