@@ -158,7 +158,9 @@ class RMoEConfig(PretrainedConfig):
         capacity_factor (float | None, None): Switch/GShard capacity in training: each expert
             takes at most ceil(capacity_factor * N * K / E) of a micro-batch's N*K assignments,
             the highest-scoring ones; a dropped assignment contributes zero (the residual
-            stream carries the token). None = dropless.
+            stream carries the token). None = dropless. rmoe's dispatch still runs a dropped
+            assignment, with weight 0: the capacity changes the model, not its compute, and
+            the FLOP accounting counts K experts per token either way.
         eval_capacity_factor (float | None, None): the same outside training mode (evaluation,
             generation); None = dropless.
         router_z_loss_coef (float, 0.0): weight of the router z-loss mean(logsumexp(logits)^2),

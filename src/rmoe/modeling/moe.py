@@ -1,4 +1,6 @@
-"""The MoE block: route -> dispatch -> combine, plus shared experts and GW-MoE broadcasting.
+"""The MoE block: route -> dispatch -> combine, plus shared experts and GW-MoE broadcasting;
+the balance loss of the layer comes from its registered `Balancer` (`router_aux_loss_type`), and
+in training the block records the expert loads the aux-loss-free bias update reads.
 
 Shapes: B batch, T positions, N = B*T tokens, D width, E experts, K top-k, P router state width.
 
