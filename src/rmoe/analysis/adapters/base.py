@@ -151,12 +151,18 @@ class MoEAdapter:
             "(logits, weights, indices)"
         )
 
+    def parse_dropped(self, i: int, output: Any) -> torch.Tensor | None:
+        """[N, K] bool, True for the assignments a capacity limit dropped (same order as the
+        indices of :meth:`parse_router_output`), or None for a dropless router."""
+        return None
+
     def router_parameters(self, i: int) -> list[nn.Parameter]:
         """Trainable parameters of MoE layer ``i``'s router."""
         return [p for p in self._layer(i).router.parameters() if p.requires_grad]
 
     def shared_router_parameters(self) -> list[nn.Parameter]:
-        """Trainable router parameters shared by all layers (rmoe's recurrent cell), else []."""
+        """Trainable router parameters shared by all layers (rmoe's recurrent cell or shared
+        router module), else []."""
         return []
 
     def capture(self, store_inputs: int = 0, store_outputs: bool = False) -> RoutingCapture:

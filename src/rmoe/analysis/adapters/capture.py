@@ -67,6 +67,8 @@ class LayerCapture:
         inputs: [n, D] float32 MoE inputs of the first n tokens (``store_inputs``), or None.
         expert_outputs: [E, n, D] every expert's unweighted output on ``inputs``, or None.
         activations: [E, n, F] intermediate activations act_fn(W_act x) on ``inputs``, or None.
+        dropped: [N, K] bool, True for the assignments (same order as ``topk_idx``) that a
+            capacity limit dropped (their combine weight is 0); None for a dropless router.
     """
 
     layer: int
@@ -79,11 +81,17 @@ class LayerCapture:
     inputs: torch.Tensor | None = field(default=None, repr=False)
     expert_outputs: torch.Tensor | None = field(default=None, repr=False)
     activations: torch.Tensor | None = field(default=None, repr=False)
+    dropped: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
         """N."""
         return int(self.logits.shape[0])
+
+    @property
+    def dropped_share(self) -> float | None:
+        """Share of the N*K assignments the capacity dropped (None for a dropless router)."""
+        return None if self.dropped is None else float(self.dropped.float().mean())
 
     @property
     def scores(self) -> torch.Tensor:
@@ -123,6 +131,7 @@ class RoutingCapture:
         self._handles: list[Any] = []
         self._records: list[dict[str, list[torch.Tensor]]] = []
         self._stored: list[int] = []
+        self._capacity: list[bool] = []
         self._weights: dict[int, ExpertWeights] = {}
         self.clear()
 
@@ -130,10 +139,11 @@ class RoutingCapture:
         """Forget everything recorded so far."""
         n = self.adapter.num_layers
         self._records = [
-            {k: [] for k in ("logits", "idx", "weight", "inputs", "outputs", "acts")}
+            {k: [] for k in ("logits", "idx", "weight", "dropped", "inputs", "outputs", "acts")}
             for _ in range(n)
         ]
         self._stored = [0] * n
+        self._capacity = [False] * n  # a batch of the layer was routed with a capacity
 
     def __enter__(self) -> RoutingCapture:
         if self._handles:
@@ -160,6 +170,7 @@ class RoutingCapture:
     def _record(self, i: int, x: torch.Tensor, output: Any) -> None:
         adapter = self.adapter
         logits, idx, weight = adapter.parse_router_output(i, output)
+        dropped = adapter.parse_dropped(i, output)
         logits = logits.detach().float().reshape(-1, adapter.spec.num_experts)
         bias = adapter.score_correction_bias(i)
         if idx is None:
@@ -171,10 +182,16 @@ class RoutingCapture:
             sel = _selection_scores(_scores(logits, adapter.spec), adapter.spec, bias)
             order = sel.gather(1, idx).argsort(dim=1, descending=True, stable=True)
             idx, weight = idx.gather(1, order), weight.gather(1, order)
+            if dropped is not None:
+                dropped = dropped.detach().reshape(idx.shape).gather(1, order)
         rec = self._records[i]
         rec["logits"].append(logits.cpu())
         rec["idx"].append(idx.cpu())
         rec["weight"].append(weight.float().cpu())
+        self._capacity[i] = self._capacity[i] or dropped is not None
+        rec["dropped"].append(
+            torch.zeros(idx.shape, dtype=torch.bool) if dropped is None else dropped.bool().cpu()
+        )
         room = self.store_inputs - self._stored[i]
         if room > 0 and x is not None:
             xs = x.detach().reshape(-1, x.shape[-1])[:room].float()
@@ -207,6 +224,7 @@ class RoutingCapture:
 
         return LayerCapture(
             layer=i,
+            dropped=cat("dropped") if self._capacity[i] else None,
             layer_index=self.adapter.layers[i].layer_index,
             spec=self.adapter.spec,
             bias=self.adapter.score_correction_bias(i),

@@ -60,6 +60,7 @@ def routing(layers: list[LayerCapture], num_experts: int) -> R.ModelRouting:
         [lc.topk_idx.numpy() for lc in layers],
         num_experts,
         [lc.layer_index for lc in layers],
+        [None if lc.dropped is None else lc.dropped.numpy() for lc in layers],
     )
 
 
@@ -269,7 +270,8 @@ def model_experts(
 def _grad_norms(
     grads: Sequence[torch.Tensor | None] | None, per_layer: list[list], shared: bool
 ) -> GradNorms | None:
-    """Norms per layer's parameter group, of the shared cell (the trailing group) and total."""
+    """Norms per layer's parameter group, of the parameters all layers share (the trailing
+    group: the recurrent cell, the shared router module) and total."""
     if grads is None:
         return None
     sq = [0.0 if g is None else float(g.double().pow(2).sum()) for g in grads]
@@ -279,6 +281,19 @@ def _grad_norms(
         pos += len(ps)
     cell = math.sqrt(sum(sq[pos:])) if shared else None
     return GradNorms(out_layers, cell, math.sqrt(sum(sq)))
+
+
+def _balance_loss_definition(adapter: MoEAdapter) -> str:
+    """What the model's ``aux_loss`` is: rmoe's configured balancer (its registered class's
+    summary line), or transformers' pooled loss."""
+    if adapter.family != "rmoe":
+        return "transformers load_balancing_loss_func (pooled over layers, unscaled)"
+    from rmoe.registry import BALANCERS
+
+    name = str(getattr(adapter.config, "router_aux_loss_type", "switch"))
+    doc = (getattr(BALANCERS.get(name), "__doc__", None) or "").strip()
+    what = " ".join(doc.split("\n\n")[0].split()).rstrip(".") if doc else f"{name} balance loss"
+    return f"rmoe {name!r}: {what}; per MoE layer, averaged over layers (unscaled)"
 
 
 def router_gradients(
@@ -308,11 +323,7 @@ def router_gradients(
         num_tokens=int(y.numel()),
         lm_loss=float(lm.detach()),
         balance_loss=None if aux is None else float(aux.detach()),
-        balance_loss_definition=(
-            "rmoe: Switch loss E·Σ f_e P_e per MoE layer, averaged over layers (unscaled)"
-            if adapter.family == "rmoe"
-            else "transformers load_balancing_loss_func (pooled over layers, unscaled)"
-        ),
+        balance_loss_definition=_balance_loss_definition(adapter),
         lm=_grad_norms(g_lm, per_layer, bool(shared)),  # type: ignore[arg-type]
         balance=_grad_norms(g_aux, per_layer, bool(shared)),
         note=None

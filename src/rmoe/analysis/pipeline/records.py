@@ -302,7 +302,8 @@ class GradNorms:
 
     Attributes:
         per_layer: [L] norm of each MoE layer's router parameters.
-        shared_cell: norm of the shared recurrent cell, or None without one.
+        shared_cell: norm of the router parameters every MoE layer shares (the recurrent
+            cell, the shared router weight, the S-proj projector), or None without any.
         total: norm over all router parameters.
     """
 

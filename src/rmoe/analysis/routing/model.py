@@ -27,19 +27,27 @@ class LayerRouting:
         stats: load, entropy and balance of the layer.
         layer_index: the decoder layer that holds this MoE layer.
         choice_entropy: entropy (nats) of the top-1 expert choice over tokens.
+        dropped_share: share of the N*K chosen assignments a capacity limit dropped (they
+            still count in the load, which is the router's choice); None for a dropless
+            router (then left out of :meth:`to_dict`).
     """
 
     stats: RoutingLayerStats
     layer_index: int
     choice_entropy: float
+    dropped_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The layer's metrics dict with ``layer_index`` and ``choice_entropy`` appended."""
-        return {
+        """The layer's metrics dict with ``layer_index``, ``choice_entropy`` (and
+        ``dropped_share`` when a capacity applied) appended."""
+        out = {
             **self.stats.to_dict(),
             "layer_index": self.layer_index,
             "choice_entropy": self.choice_entropy,
         }
+        if self.dropped_share is not None:
+            out["dropped_share"] = self.dropped_share
+        return out
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class ModelRoutingSummary:
     mi_index_offdiag_mean: float | None = None
     mi_index_adjacent_mean: float | None = None
     choice_entropy_mean: float | None = None
+    dropped_share_mean: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (fields that were not computed are left out)."""
@@ -106,18 +115,24 @@ def model_routing(
     topk: list[np.ndarray],
     num_experts: int,
     layer_indices: list[int],
+    dropped: list[np.ndarray | None] | None = None,
 ) -> ModelRouting:
     """Routing metrics of every MoE layer of a model and their means.
 
     Args:
-        probs: per MoE layer, [N, E] router probabilities over all experts (the same N tokens).
+        probs: per MoE layer, [N, E] router probabilities over all experts (the same N tokens;
+            a sigmoid router's scores normalised to sum to one).
         topk: per MoE layer, [N, K] chosen experts, highest score first.
         num_experts: E of the model (the index-MI alphabet).
         layer_indices: the decoder-layer index of each MoE layer.
+        dropped: per MoE layer, [N, K] bool assignments a capacity limit dropped, or None
+            (dropless); None = every layer dropless.
     """
+    dropped = list(dropped) if dropped is not None else [None] * len(probs)
+    shares = [None if d is None else float(np.asarray(d, dtype=float).mean()) for d in dropped]
     per_layer = [
-        LayerRouting(routing_layer_stats(p, t), li, choice_entropy(t, num_experts))
-        for p, t, li in zip(probs, topk, layer_indices)
+        LayerRouting(routing_layer_stats(p, t), li, choice_entropy(t, num_experts), share)
+        for p, t, li, share in zip(probs, topk, layer_indices, shares)
     ]
     mi_binned = mi_index = mi_index_topk = None
     if len({p.shape[1] for p in probs}) == 1:
@@ -144,6 +159,7 @@ def model_routing(
         load_cv_mean=nanmean(s.load.cv for s in stats),
         load_max_violation_max=max(s.load.max_violation for s in stats),
         unused_experts_total=int(sum(s.load.unused for s in stats)),
+        dropped_share_mean=None if all(x is None for x in shares) else nanmean(shares),
         **mi,
     )
     return ModelRouting(per_layer, mi_binned, mi_index, mi_index_topk, summary)

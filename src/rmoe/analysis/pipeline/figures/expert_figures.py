@@ -363,6 +363,7 @@ def router_grads_figure(
     )
     reading = (
         f"Total router gradient norm from the LM loss: {lm}; from the (unscaled) balance loss: "
-        f"{balance}; of which the shared recurrent cell (LM): {both(models, cell)}."
+        f"{balance}; of which the router parameters shared by all layers (recurrent cell, "
+        f"shared router weight or projector; LM): {both(models, cell)}."
     )
     return FigureResult(path, "Router gradient norms (LM vs balance loss)", reading)
