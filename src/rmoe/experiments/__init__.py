@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .plan import ArmRun, matched_steps, plan_runs
+from .plan import ArmRun, format_plan, matched_steps, plan_runs
 from .runner import RunOutcome, execute_runs, run_dir_of, run_state
 from .spec import (
     ROUTER_VARIANTS,
@@ -40,6 +40,7 @@ __all__ = [
     "PairedDiff",
     "RunOutcome",
     "execute_runs",
+    "format_plan",
     "load_spec",
     "matched_steps",
     "mean_std",

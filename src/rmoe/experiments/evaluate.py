@@ -4,7 +4,8 @@ For each evaluation split the first `batches` x `batch_size` non-overlapping win
 and the summed loss and token count of every batch are kept, so two arms can be compared batch
 by batch (paired bootstrap, `rmoe.experiments.stats`). Routing statistics (inner/outer balance,
 router entropy, binned cross-layer mutual information, from `rmoe.analysis.routing`) are computed
-on the first `routing_tokens` tokens of the last split.
+on the first `routing_tokens` tokens of the last split, with the expert-load MaxVio and the
+share of assignments an evaluation capacity (`eval_capacity_factor`) dropped.
 
 Run as a subprocess by the experiment runner:
     python -m rmoe.experiments.evaluate RUN_DIR --eval-json '{"batches": 16, ...}'
@@ -17,13 +18,14 @@ import argparse
 import json
 import statistics
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..analysis.routing import routing_summary
+from ..analysis.routing import expert_load, routing_summary
 from ..data import eval_windows, get_batch, get_corpus, get_split_tokens
 from ..evaluation import batch_losses, window_batches
 from ..loading import load_model
@@ -73,6 +75,22 @@ def read_metrics(run_dir: str | Path, corpus: str | None = None) -> dict[str, li
     }
 
 
+@dataclass
+class RoutingSample:
+    """What the model routed on the routing tokens, per MoE layer.
+
+    Attributes:
+        probs: [N, E] router distributions (softmax, or sigmoid scores normalised to sum to 1).
+        topk: [N, K] chosen experts.
+        dropped: [N, K] bool assignments the (evaluation) capacity dropped, or None when the
+            layer routes without a capacity.
+    """
+
+    probs: list[np.ndarray]
+    topk: list[np.ndarray]
+    dropped: list[np.ndarray | None]
+
+
 @torch.no_grad()
 def collect_routing(
     model: torch.nn.Module,
@@ -81,14 +99,15 @@ def collect_routing(
     batch_size: int,
     max_tokens: int,
     amp: torch.dtype | None = None,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per MoE layer: router probabilities [N, E] and chosen experts [N, K] on the first
-    `max_tokens` input tokens (whole windows) of `tokens`."""
+) -> RoutingSample:
+    """Per MoE layer: router probabilities [N, E], chosen experts [N, K] and dropped
+    assignments on the first `max_tokens` input tokens (whole windows) of `tokens`."""
     device = model_device(model)
     n_windows = max(1, max_tokens // seq_len)
     batches = -(-n_windows // batch_size)
     probs: list[list[np.ndarray]] = []
     topk: list[list[np.ndarray]] = []
+    dropped: list[list[np.ndarray | None]] = []
     seen = 0
     for starts in eval_windows(len(tokens), seq_len, batch_size, batches):
         starts = starts[: n_windows - seen]
@@ -100,12 +119,43 @@ def collect_routing(
         with ctx:
             out = model(input_ids=x, use_cache=False, output_routing=True)
         if not probs:
-            probs = [[] for _ in out.routing]
-            topk = [[] for _ in out.routing]
+            probs, topk, dropped = ([[] for _ in out.routing] for _ in range(3))
         for i, r in enumerate(out.routing):
             probs[i].append(r.probs.float().cpu().numpy())
             topk[i].append(r.topk_idx.cpu().numpy())
-    return [np.concatenate(p) for p in probs], [np.concatenate(t) for t in topk]
+            d = getattr(r, "dropped", None)
+            dropped[i].append(None if d is None else d.cpu().numpy())
+    return RoutingSample(
+        [np.concatenate(p) for p in probs],
+        [np.concatenate(t) for t in topk],
+        [_cat_dropped(d, t) for d, t in zip(dropped, topk)],
+    )
+
+
+def _cat_dropped(parts: list[np.ndarray | None], topk: list[np.ndarray]) -> np.ndarray | None:
+    """One layer's dropped masks over all batches (False where a batch had no capacity), or
+    None when no batch had one."""
+    if all(d is None for d in parts):
+        return None
+    return np.concatenate(
+        [np.zeros(t.shape, dtype=bool) if d is None else d for d, t in zip(parts, topk)]
+    )
+
+
+def load_summary(sample: RoutingSample, num_experts: int) -> dict[str, Any]:
+    """Expert-load balance and token dropping of the routing tokens: per layer and averaged
+    over layers, MaxVio = max_e load_e / mean load - 1 (Wang et al., arXiv 2408.15664; 0 =
+    balanced) and the share of the N*K assignments the evaluation capacity dropped (None
+    when dropless)."""
+    vio = [expert_load(t, num_experts).max_violation for t in sample.topk]
+    drop = [None if d is None else float(d.mean()) for d in sample.dropped]
+    kept = [d for d in drop if d is not None]
+    return {
+        "layer_max_violation": vio,
+        "max_violation": float(np.mean(vio)),
+        "layer_dropped_share": drop,
+        "dropped_share": float(np.mean(kept)) if kept else None,
+    }
 
 
 def throughput(train_records: list[dict[str, Any]]) -> float:
@@ -147,10 +197,11 @@ def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dic
         }
     if ev.routing_tokens > 0:
         ts = split_tokens[ev.splits[-1]]
-        probs, topk = collect_routing(
-            model, ts.tokens, seq_len, ev.batch_size, ev.routing_tokens, amp
-        )
-        res["routing"] = routing_summary(probs, topk, ev.mi_bins) if probs else None
+        sample = collect_routing(model, ts.tokens, seq_len, ev.batch_size, ev.routing_tokens, amp)
+        res["routing"] = None
+        if sample.probs:
+            res["routing"] = routing_summary(sample.probs, sample.topk, ev.mi_bins)
+            res["routing"].update(load_summary(sample, int(sample.probs[0].shape[1])))
     metrics = read_metrics(run_dir)
     res["tokens_per_s"] = throughput(metrics["train"])
     res["train_elapsed_s"] = metrics["train"][-1].get("elapsed_s") if metrics["train"] else None

@@ -16,7 +16,7 @@ so that steps x FLOPs/token x tokens/step equals the reference arm's (the spec's
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..modeling.accounting import ModelCounts, count_config
@@ -38,6 +38,9 @@ class ArmRun:
         config: the resolved TrainConfig (max_steps already budget-matched).
         counts: parameter and FLOP counts of the model.
         match: `tokens` or `flops`.
+        preset: the model keys the router variant sets (`ROUTER_VARIANTS[router]`).
+        settings: the arm's own `set:` overrides (`section.key` -> value), applied after the
+            preset, so they win.
     """
 
     run_id: str
@@ -49,6 +52,8 @@ class ArmRun:
     config: TrainConfig
     counts: ModelCounts
     match: str
+    preset: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens_per_step(self) -> int:
@@ -59,6 +64,11 @@ class ArmRun:
     def train_flops(self) -> float:
         """Total training FLOPs, 3 x forward FLOPs/token x tokens (matmuls only)."""
         return 3.0 * self.counts.forward_flops_per_token * self.tokens_per_step * self.max_steps
+
+    @property
+    def settings_text(self) -> str:
+        """The arm's `set:` overrides as ``key=value, ...`` ("" when none)."""
+        return format_settings(self.settings)
 
     @property
     def max_steps(self) -> int:
@@ -75,6 +85,8 @@ class ArmRun:
             "depth": self.depth,
             "seed": self.seed,
             "match": self.match,
+            "preset": dict(self.preset),
+            "settings": dict(self.settings),
             "max_steps": self.max_steps,
             "tokens_per_step": self.tokens_per_step,
             "total_params": self.counts.total_params,
@@ -84,6 +96,36 @@ class ArmRun:
             "router_flops_per_token": self.counts.router_flops_per_token,
             "train_flops": self.train_flops,
         }
+
+
+def format_value(value: Any) -> str:
+    """A setting's value as it would be written in YAML (true, null, 0.0001, sigmoid)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def format_settings(settings: dict[str, Any]) -> str:
+    """``key=value, ...`` of `settings` in their order ("" when empty)."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in settings.items())
+
+
+def format_plan(runs: list[ArmRun]) -> list[str]:
+    """One line per run: id, router variant, steps, tokens, FLOPs and the arm's `set:` keys."""
+    lines = []
+    for r in runs:
+        line = (
+            f"{r.run_id:28s} {r.router:19s} steps {r.max_steps:6d}  "
+            f"tokens {r.max_steps * r.tokens_per_step:>12,d}  "
+            f"FLOPs/token {r.counts.forward_flops_per_token:>12,d}  "
+            f"train FLOPs {r.train_flops:.3e}"
+        )
+        lines.append(line + (f"  set: {r.settings_text}" if r.settings else ""))
+    return lines
 
 
 def vocab_size_of(tokenizer: str) -> int:
@@ -158,6 +200,8 @@ def plan_runs(spec: ExperimentSpec, only: list[str] | None = None) -> list[ArmRu
             config=cfg,
             counts=counts,
             match=arm.match,
+            preset=dict(ROUTER_VARIANTS[arm.router]),
+            settings=dict(arm.set),
         )
 
     runs: list[ArmRun] = []

@@ -1,10 +1,12 @@
 """Aggregate an experiment's runs into results.json, summary.md and PNG plots.
 
-Tables: one row per (arm, depth) with bits per byte on each evaluation split as mean ± std over
-seeds, parameters, FLOPs/token, training tokens/s and the routing statistics (inner balance IB,
-outer balance OB, mean router entropy, binned cross-layer MI). Paired differences: each arm minus
-the reference arm on the same evaluation batches, per seed and averaged over seeds, with a
-bootstrap interval over evaluation batches (`rmoe.experiments.stats`).
+Tables: the arms' settings (router variant, the keys it sets, the arm's `set:` overrides); one
+row per (arm, depth) with bits per byte on each evaluation split as mean ± std over seeds,
+parameters, FLOPs/token, training tokens/s and the routing statistics (inner balance IB, outer
+balance OB, mean router entropy, binned cross-layer MI, expert-load MaxVio, and the dropped share
+when an arm evaluates with a capacity). Paired differences: each arm minus the reference arm on
+the same evaluation batches, per seed and averaged over seeds, with a bootstrap interval over
+evaluation batches (`rmoe.experiments.stats`). The plots are drawn by `rmoe.experiments.plots`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,22 @@ from typing import Any
 import numpy as np
 
 from ..formatting import fmt_number
-from .evaluate import RESULTS_FILE, read_metrics
-from .plan import ArmRun
+from .evaluate import RESULTS_FILE
+from .plan import ArmRun, format_settings
+from .plots import plot_bpb_vs_depth, plot_loss_curves, plot_routing
 from .runner import STATUS_FILE, run_dir_of
 from .spec import ExperimentSpec
 from .stats import mean_std, paired_bootstrap
 
-ROUTING_KEYS = ("inner_balance", "outer_balance", "entropy", "mi_mean", "mi_adjacent")
+ROUTING_KEYS = (
+    "inner_balance",
+    "outer_balance",
+    "entropy",
+    "mi_mean",
+    "mi_adjacent",
+    "max_violation",
+    "dropped_share",
+)
 
 
 def machine_info() -> dict[str, Any]:
@@ -104,6 +115,7 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
             "arm": arm,
             "label": members[0]["label"],
             "router": members[0]["router"],
+            "settings": members[0].get("settings", {}),
             "depth": depth,
             "match": members[0]["match"],
             "seeds": [m["seed"] for m in done],
@@ -124,7 +136,7 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
             [d["results"]["tokens_per_s"] for d in done]
         )
         for key in ROUTING_KEYS:
-            vals = [d["results"]["routing"][key] for d in done if d["results"].get("routing")]
+            vals = [d["results"]["routing"].get(key) for d in done if d["results"].get("routing")]
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(vals)
         arms.append(entry)
 
@@ -183,148 +195,6 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------------
-# plots
-# ----------------------------------------------------------------------------------------------
-def _smooth(y: np.ndarray, k: int) -> np.ndarray:
-    if k <= 1 or y.size < k:
-        return y
-    return np.convolve(y, np.ones(k) / k, mode="valid")
-
-
-def plot_loss_curves(out_dir: Path, rows: list[dict[str, Any]], spec: ExperimentSpec) -> Path:
-    """Training loss vs tokens and vs training FLOPs, one line per run (colour = arm, style =
-    seed), plus validation bits per byte where the trainer evaluated during training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = [a.name for a in spec.arms]
-    colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
-    styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for row in rows:
-        m = read_metrics(run_dir_of(out_dir, _Run(row)))
-        tr = m["train"]
-        if not tr:
-            continue
-        tokens = np.array([r["tokens"] for r in tr], dtype=float)
-        loss = np.array([r.get("lm_loss", r["loss"]) for r in tr], dtype=float)
-        k = max(1, len(loss) // 25)
-        ys = _smooth(loss, k)
-        xs = tokens[len(tokens) - len(ys) :]
-        seeds = sorted({r["seed"] for r in rows if r["arm"] == row["arm"]})
-        style = styles[seeds.index(row["seed"]) % len(styles)]
-        depths = sorted({r["depth"] for r in rows})
-        label = f"{row['label']} s{row['seed']}" + (f" L{row['depth']}" if len(depths) > 1 else "")
-        kw = dict(color=colours[row["arm"]], ls=style, lw=1.2, label=label)
-        axes[0].plot(xs, ys, **kw)
-        axes[1].plot(xs * 3 * row["flops_per_token"], ys, **kw)
-        va = m["valid"]
-        if va:
-            axes[2].plot(
-                [v["step"] * row["tokens_per_step"] for v in va],
-                [v["valid_bpb"] for v in va],
-                marker="o",
-                ms=3,
-                **kw,
-            )
-    axes[0].set(xlabel="training tokens", ylabel="training LM loss (nats, smoothed)")
-    axes[1].set(xlabel="training FLOPs (3 x forward, matmuls)", ylabel="training LM loss")
-    axes[2].set(xlabel="training tokens", ylabel="validation bits/byte (trainer evals)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{spec.name}: loss curves")
-    fig.tight_layout()
-    path = out_dir / "loss_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_bpb_vs_depth(out_dir: Path, table: list[dict[str, Any]], spec: ExperimentSpec) -> Path:
-    """Bits per byte (last evaluation split) vs depth per arm, mean ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    split = spec.eval.splits[-1]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for e in table:
-        by_arm[e["arm"]].append(e)
-    depths = sorted({e["depth"] for e in table})
-    n_arms = max(1, len(by_arm))
-    for i, es in enumerate(by_arm.values()):
-        es = sorted(es, key=lambda e: e["depth"])
-        jitter = (i - (n_arms - 1) / 2) * 0.08 * (depths[-1] - depths[0] + 1) / max(1, len(depths))
-        ax.errorbar(
-            [e["depth"] + jitter for e in es],
-            [e[f"{split}_bpb_mean"] for e in es],
-            yerr=[e[f"{split}_bpb_std"] for e in es],
-            marker="o",
-            capsize=3,
-            label=es[0]["label"],
-        )
-    ax.set(xlabel="layers", ylabel=f"{split} bits/byte (mean ± std over seeds)")
-    ax.set_xticks(depths)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{spec.name}: bits/byte vs depth")
-    fig.tight_layout()
-    path = out_dir / "bpb_vs_depth.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_routing(out_dir: Path, table: list[dict[str, Any]], spec: ExperimentSpec) -> Path:
-    """Bar charts of IB, OB, mean router entropy and cross-layer MI per arm (deepest depth)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    depth = max(e["depth"] for e in table)
-    es = [e for e in table if e["depth"] == depth]
-    keys = [
-        ("inner_balance", "IB (median top1/top2)"),
-        ("outer_balance", "OB (median top-k mass)"),
-        ("entropy", "mean router entropy (nats)"),
-        ("mi_mean", "cross-layer MI (nats)"),
-    ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-    x = np.arange(len(es))
-    for ax, (key, title) in zip(axes, keys):
-        ax.bar(
-            x,
-            [e[f"{key}_mean"] for e in es],
-            yerr=[e[f"{key}_std"] for e in es],
-            capsize=3,
-            color=[plt.cm.tab10(i % 10) for i in range(len(es))],
-        )
-        ax.set_xticks(x)
-        ax.set_xticklabels([e["label"] for e in es], rotation=30, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"{spec.name}: routing statistics at {depth} layers")
-    fig.tight_layout()
-    path = out_dir / "routing.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-class _Run:
-    """Adapter so `run_dir_of` accepts a results row."""
-
-    def __init__(self, row: dict[str, Any]) -> None:
-        self.run_id = row["run_id"]
-
-
-# ----------------------------------------------------------------------------------------------
 # markdown
 # ----------------------------------------------------------------------------------------------
 def summary_markdown(
@@ -337,6 +207,7 @@ def summary_markdown(
 ) -> str:
     """The experiment's summary.md."""
     lines = _header_lines(spec, rows, machine, command)
+    lines += _settings_table(spec, rows)
     lines += _arms_table(spec, agg)
     if agg["paired"]:
         lines += _paired_table(spec, agg)
@@ -369,6 +240,28 @@ def _header_lines(
     return lines + [f"- runs finished: {done}/{len(rows)}", ""]
 
 
+def _settings_table(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> list[str]:
+    """One row per arm: its router variant, the model keys the variant sets and the arm's own
+    `set:` overrides (which win), so every arm's configuration is on the page."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["arm"], r)
+    lines = [
+        "## Arms",
+        "",
+        "| arm | router | variant sets | `set:` |",
+        "|---|---|---|---|",
+    ]
+    for arm in spec.arms:
+        row = first.get(arm.name, {})
+        preset = format_settings(row.get("preset") or {})
+        settings = format_settings(row.get("settings", arm.set) or {})
+        lines.append(
+            f"| {arm.label or arm.name} | `{arm.router}` | {preset or '–'} | {settings or '–'} |"
+        )
+    return lines + [""]
+
+
 def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
     splits = spec.eval.splits
     lines = ["## Results per arm", ""]
@@ -382,7 +275,11 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
         "entropy",
         "MI (all pairs)",
         "MI (adjacent)",
+        "MaxVio",
     ]
+    dropping = any(not math.isnan(e["dropped_share_mean"]) for e in agg["arms"])
+    if dropping:
+        head.append("dropped")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in agg["arms"]:
         n = len(e["seeds"])
@@ -397,7 +294,10 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
             _pm(e["entropy_mean"], e["entropy_std"], n, 3),
             _pm(e["mi_mean_mean"], e["mi_mean_std"], n, 3),
             _pm(e["mi_adjacent_mean"], e["mi_adjacent_std"], n, 3),
+            _pm(e["max_violation_mean"], e["max_violation_std"], n, 3),
         ]
+        if dropping:
+            cells.append(_pm(e["dropped_share_mean"], e["dropped_share_std"], n, 3))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -405,7 +305,11 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
         "forward matmul FLOPs per token incl. the router (`count_config`). IB = median top1/top2 "
         "router probability, OB = median summed top-k probability, entropy = mean router "
         "entropy over all experts (nats), MI = binned cross-layer mutual information of the "
-        "routing profiles (nats; paper recipe, 100 bins), all averaged over layers.",
+        "routing profiles (nats; paper recipe, 100 bins), all averaged over layers. For a "
+        "sigmoid router the probabilities are its scores normalised to sum to one. MaxVio = "
+        "max expert load / mean load - 1 on the routing tokens (0 = balanced; Loss-Free "
+        "Balancing's metric); dropped = share of assignments dropped by the evaluation "
+        "capacity (`eval_capacity_factor`), shown when an arm sets one.",
         "",
     ]
     return lines

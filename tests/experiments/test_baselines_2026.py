@@ -1,0 +1,135 @@
+"""The shipped `baselines-2026` spec (one arm per router option of issue 12) and arms that
+combine a `router:` preset with `set:` keys."""
+
+from __future__ import annotations
+
+import torch
+
+from rmoe import RMoEConfig, RMoEForCausalLM
+from rmoe.experiments import format_plan, load_spec, plan_runs, quick_spec, spec_from_dict
+from rmoe.experiments.report import write_report
+from rmoe.experiments.spec import ROUTER_VARIANTS
+
+_LOSS_FREE = {
+    "model.router_score_func": "sigmoid",
+    "model.router_expert_bias": True,
+    "model.router_aux_loss_coef": 0.0,
+}
+
+
+def _models(runs) -> dict[str, dict]:
+    return {r.arm: r.config.model for r in runs if r.seed == 0}
+
+
+def test_baselines_2026_covers_every_new_option():
+    spec = load_spec("baselines-2026")
+    runs = plan_runs(spec)
+    assert spec.reference == "smoe" and sorted({r.seed for r in runs}) == [0, 1]
+    assert len(runs) == 2 * len(spec.arms) and len({r.run_id for r in runs}) == len(runs)
+    m = _models(runs)
+    base = m["smoe"]
+    assert (base["num_hidden_layers"], base["hidden_size"], base["num_experts"]) == (8, 128, 8)
+    assert base["router_type"] == "linear" and runs[0].max_steps == 500
+    cpu = _models(plan_runs(load_spec("cpu-mechanism")))["smoe"]
+    assert base == cpu  # the cpu-mechanism model and budget
+    assert m["shared"]["router_type"] == "shared"
+    assert m["rmoe-np-r0.5"]["router_logit_residual"] == 0.5
+    assert m["rmoe-np-r0.5"]["router_pass_state"] is False
+    assert m["rmoe-np-r1"]["router_logit_residual"] == 1.0
+    assert m["rmoe-detach-r"]["router_detach_residual"] is True
+    assert m["rmoe-sproj"]["router_share_proj"] is True
+    for arm, router in (("smoe-sigmoid", "linear"), ("rmoe-sigmoid", "recurrent")):
+        assert (m[arm]["router_type"], m[arm]["router_score_func"]) == (router, "sigmoid")
+    for arm, router in (("smoe-lossfree", "linear"), ("rmoe-lossfree", "recurrent")):
+        got = {k: m[arm][k.split(".", 1)[1]] for k in _LOSS_FREE}
+        assert got == _LOSS_FREE
+        assert m[arm]["router_type"] == router
+    dsv3 = m["smoe-dsv3"]
+    assert dsv3["router_expert_bias"] and dsv3["router_aux_loss_type"] == "sequence"
+    assert dsv3["router_aux_loss_coef"] == 1e-4 and dsv3["router_scale"] == 2.5
+    assert m["smoe-seq"]["router_aux_loss_type"] == "sequence"
+    assert m["smoe-global"]["router_aux_loss_type"] == "global"
+    assert (m["smoe-cap1.25"]["capacity_factor"], m["smoe-cap1.25"]["eval_capacity_factor"]) == (
+        1.25,
+        2.0,
+    )
+    assert (m["rmoe-uniform"]["router_type"], m["rmoe-uniform"]["router_init"]) == (
+        "recurrent",
+        "uniform",
+    )
+    # every new preset has an arm
+    presets = {"shared", "recurrent-np-r0.5", "recurrent-np-r1", "recurrent-detach-r"}
+    assert presets | {"recurrent-sproj"} <= {a.router for a in spec.arms}
+
+
+def test_baselines_2026_quick_keeps_the_settings():
+    spec = load_spec("baselines-2026")
+    q = quick_spec(spec)
+    runs = plan_runs(q)
+    assert all(r.config.model["hidden_size"] == 32 for r in runs)
+    m = _models(runs)
+    assert m["smoe-dsv3"]["router_aux_loss_coef"] == 1e-4
+    assert m["smoe-cap1.25"]["capacity_factor"] == 1.25
+    assert m["rmoe-lossfree"]["router_expert_bias"] is True
+    line = next(ln for ln in format_plan(runs) if ln.startswith("smoe-lossfree-"))
+    assert "set: model.router_score_func=sigmoid" in line
+    assert "model.router_aux_loss_coef=0" in line
+
+
+def test_any_preset_composes_with_set_keys(spec_dict):
+    """Every router variant plus sigmoid + expert bias without aux loss plans, validates and
+    builds; `set:` wins over the preset's own keys."""
+    spec_dict["reference"] = None
+    spec_dict["arms"] = [
+        {"name": v, "router": v, "set": dict(_LOSS_FREE)} for v in ROUTER_VARIANTS
+    ] + [{"name": "np-passing", "router": "recurrent-np", "set": {"model.router_pass_state": True}}]
+    runs = plan_runs(spec_from_dict(spec_dict))
+    for r in runs:
+        model = r.config.model
+        if r.arm == "np-passing":
+            assert model["router_pass_state"] is True
+            continue
+        for key, value in ROUTER_VARIANTS[r.router].items():
+            assert model[key] == value, (r.arm, key)
+        assert model["router_score_func"] == "sigmoid" and model["router_expert_bias"] is True
+        assert r.summary()["settings"] == _LOSS_FREE
+        assert r.summary()["preset"] == dict(ROUTER_VARIANTS[r.router])
+        built = RMoEForCausalLM(RMoEConfig(**{**model, "vocab_size": 258}))
+        assert built.config.router_score_func == "sigmoid"
+
+
+def test_new_arms_share_the_non_router_init(spec_dict):
+    """The seeded init gives every arm of a seed the same non-router weights, also for the arms
+    whose router adds a module the model owns (shared router, S-proj) or a bias buffer."""
+    spec_dict["reference"] = None
+    spec_dict["arms"] = [
+        {"name": "smoe", "router": "linear"},
+        {"name": "shared", "router": "shared"},
+        {"name": "sproj", "router": "recurrent-sproj"},
+        {"name": "lossfree", "router": "recurrent", "set": dict(_LOSS_FREE)},
+        {"name": "uniform", "router": "recurrent", "set": {"model.router_init": "uniform"}},
+    ]
+    states = {}
+    for r in plan_runs(spec_from_dict(spec_dict)):
+        model = RMoEForCausalLM(r.config.model_config(vocab_size=258))
+        model.init_weights_seeded(r.seed)
+        states[r.arm] = {k: v for k, v in model.state_dict().items() if "router" not in k}
+    ref = states.pop("smoe")
+    for arm, state in states.items():
+        assert state.keys() == ref.keys(), arm
+        for k in ref:
+            assert torch.equal(state[k], ref[k]), (arm, k)
+
+
+def test_summary_lists_each_arms_settings(spec_dict, tmp_path):
+    spec_dict["arms"].append(
+        {"name": "dsv3", "router": "linear", "label": "DSV3", "set": dict(_LOSS_FREE)}
+    )
+    spec = spec_from_dict(spec_dict)
+    write_report(spec, plan_runs(spec), tmp_path)  # nothing trained yet: the plan only
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Arms" in summary
+    row = next(ln for ln in summary.splitlines() if ln.startswith("| DSV3 |"))
+    assert "router_type=linear" in row
+    assert "model.router_score_func=sigmoid, model.router_expert_bias=true" in row
+    assert "model.router_aux_loss_coef=0" in row
