@@ -205,3 +205,42 @@ def test_routing_layer_metrics_json_ready():
     json.dumps(d)
     assert d["num_experts"] == 8 and d["top_k"] == 2
     assert d["load"]["counts"] and sum(d["load"]["counts"]) == 128
+
+
+# ---------------------------------------------------------------- training log
+
+
+def _result(probs, idx, dropped=None):
+    from rmoe.modeling.routing import RoutingResult
+
+    probs, idx = torch.tensor(probs), torch.tensor(idx)
+    return RoutingResult(probs.log(), probs, idx, probs.gather(-1, idx), None, dropped=dropped)
+
+
+def test_training_log_stats_hand_values():
+    """The loads come from topk_idx (the biased choice), not from the top-k of probs."""
+    flat = [[0.25] * 4] * 4
+    # every token chose experts 0 and 1 (e.g. pushed by a bias): loads [4, 4, 0, 0]
+    chosen = _result(flat, [[0, 1]] * 4, dropped=torch.tensor([[False, True]] * 3 + [[True] * 2]))
+    # a balanced layer, dropless: loads [2, 2, 2, 2]
+    balanced = _result(flat, [[0, 1], [2, 3], [0, 1], [2, 3]])
+    st = R.training_log_stats([chosen, balanced])
+    assert set(st) == {"load_cv", "max_violation", "entropy", "aux", "dropped"}  # no bias
+    assert st["load_cv"] == pytest.approx([1.0, 0.0])  # counts [4,4,0,0]: std 2 / mean 2
+    assert st["max_violation"] == pytest.approx([1.0, 0.0])  # max 4 / mean 2 - 1
+    assert st["entropy"] == pytest.approx([1.0, 1.0])
+    # Switch loss E * sum f_e P_e: f = (0.5, 0.5, 0, 0), P = 0.25 each -> 4 * 0.25 = 1
+    assert st["aux"] == pytest.approx([1.0, 1.0])
+    assert st["dropped"] == pytest.approx([5 / 8, 0.0])
+    biased = R.training_log_stats([chosen, balanced], [torch.tensor([0.5, 0.25, -0.25, 0.0]), None])
+    assert biased["bias_range"] == pytest.approx([0.75, 0.0])
+    with pytest.raises(ValueError, match="one per layer"):
+        R.training_log_stats([chosen, balanced], [torch.zeros(4)])
+
+
+def test_training_log_stats_entropy_of_the_routers_distribution():
+    # sigmoid scores (0.8, 0.2, 0.2, 0.2) normalised: probs (4/7, 1/7, 1/7, 1/7)
+    p = [[4 / 7, 1 / 7, 1 / 7, 1 / 7]]
+    st = R.training_log_stats([_result(p, [[0, 1]])])
+    q = np.array(p[0])
+    assert st["entropy"][0] == pytest.approx(-(q * np.log(q)).sum() / math.log(4), rel=1e-5)

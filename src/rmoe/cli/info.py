@@ -29,15 +29,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--init-stats",
         action="store_true",
         help="also build a freshly initialised model (seeded as training seeds it) and report "
-        "each MoE layer's router-logit std and normalised router entropy (1 = uniform) on a "
-        "random batch of 4 x min(seq_len, 128) token ids",
+        "each MoE layer's router-logit std and the normalised entropy of its distribution over "
+        "experts (1 = uniform; softmax, or normalised sigmoid scores) on a random batch of "
+        "4 x min(seq_len, 128) token ids",
     )
     return p
 
 
 def init_router_stats(cfg, seq_len: int, seed: int) -> dict[str, list[float]]:
-    """Router-logit std and normalised entropy per MoE layer of a model built from ``cfg`` and
-    initialised as ``rmoe train`` initialises it (``seed``), on random token ids."""
+    """Router-logit std and normalised entropy of the router's distribution over experts
+    (`RoutingResult.probs`) per MoE layer of a model built from ``cfg`` and initialised as
+    ``rmoe train`` initialises it (``seed``), on random token ids."""
     import torch
 
     from rmoe.analysis.routing import router_logit_stats
@@ -50,8 +52,8 @@ def init_router_stats(cfg, seq_len: int, seed: int) -> dict[str, list[float]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (4, min(seq_len, 128)), generator=g)
     with torch.no_grad():
-        out = model.eval()(input_ids=ids, use_cache=False, output_router_logits=True)
-    return router_logit_stats(out.router_logits)
+        out = model.eval()(input_ids=ids, use_cache=False, output_routing=True)
+    return router_logit_stats(out.routing)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,15 +110,52 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _router_desc(cfg) -> str:
+    """The router line: the registered router (with the recurrent variant when it has a cell),
+    then every routing option set away from its default."""
     from rmoe.registry import ROUTERS
 
-    if not ROUTERS[cfg.router_type].uses_cell:
-        return cfg.router_type
-    variant = "RMoE"
-    if not cfg.router_pass_state:
-        variant = "RMoE-NP"
-    elif cfg.router_detach_state:
-        variant = "RMoE-detach"
-    return (
-        f"recurrent ({variant}; {cfg.router_cell}, P={cfg.router_dim}, scorer {cfg.router_scorer})"
-    )
+    base = cfg.router_type
+    if ROUTERS[cfg.router_type].uses_cell:
+        variant = "RMoE"
+        if not cfg.router_pass_state:
+            variant = "RMoE-NP"
+        elif cfg.router_detach_state:
+            variant = "RMoE-detach"
+        base = (
+            f"{base} ({variant}; {cfg.router_cell}, P={cfg.router_dim}, scorer {cfg.router_scorer})"
+        )
+    options = _router_options(cfg)
+    return "; ".join([base, *options]) if options else base
+
+
+def _router_options(cfg) -> list[str]:
+    """Phrases for the routing options of ``cfg`` that differ from `RMoEConfig`'s defaults:
+    score function and scale, logit residual, S-proj, expert bias, balance loss, capacity."""
+    from rmoe.config import RMoEConfig
+
+    default = RMoEConfig()
+
+    def changed(name: str) -> bool:
+        return getattr(cfg, name) != getattr(default, name)
+
+    out = []
+    if changed("router_score_func") or changed("router_scale"):
+        scale = f" x {cfg.router_scale:g}" if changed("router_scale") else ""
+        out.append(f"{cfg.router_score_func} scores{scale}")
+    if changed("router_logit_residual"):
+        detached = ", detached" if cfg.router_detach_residual else ""
+        out.append(f"logit residual alpha={cfg.router_logit_residual:g}{detached}")
+    if changed("router_share_proj"):
+        out.append("S-proj (one projector for all layers)")
+    if changed("router_expert_bias"):
+        out.append(f"expert bias (rate {cfg.router_bias_update_rate:g})")
+    if changed("router_aux_loss_type"):
+        out.append(f"{cfg.router_aux_loss_type} balance loss (coef {cfg.router_aux_loss_coef:g})")
+    if changed("capacity_factor") or changed("eval_capacity_factor"):
+        train, ev = (_capacity(cfg.capacity_factor), _capacity(cfg.eval_capacity_factor))
+        out.append(f"capacity {train} train / {ev} eval")
+    return out
+
+
+def _capacity(factor: float | None) -> str:
+    return "dropless" if factor is None else f"{factor:g}"

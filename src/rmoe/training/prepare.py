@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..data import TokenSplit, WindowSampler, build_tokenizer, get_corpus, get_split_tokens
 from ..loading import find_model_dir, load_weights
@@ -32,6 +33,7 @@ from ..runtime import (
 from .checkpoint import Checkpointer, latest_checkpoint, load_state
 from .config import TrainConfig, dump_config, from_dict
 from .optim import build_optimizer, build_scheduler
+from .step import attach_router_step
 
 
 @dataclass
@@ -51,6 +53,9 @@ class PreparedRun:
         step: optimizer steps already done (0 for a fresh run).
         resumed: the run continues from a checkpoint.
         micro_batch: windows per micro-batch on this process.
+        router_hook: the optimizer-step pre-hook that updates the expert biases and resets the
+            balance losses' step state once per optimizer step
+            (:func:`~rmoe.training.step.attach_router_step`).
     """
 
     cfg: TrainConfig
@@ -71,6 +76,7 @@ class PreparedRun:
     step: int
     resumed: bool
     micro_batch: int
+    router_hook: RemovableHandle | None = None
 
 
 def checkpoint_to_resume(run_dir: Path, resume: bool, cfg: TrainConfig) -> Path | None:
@@ -255,6 +261,8 @@ def prepare_run(
     # FSDP replaces parameters with sharded ones: build the optimizer after wrapping
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
+    # expert biases / global-balance counts: once per optimizer step, on the unwrapped model
+    router_hook = attach_router_step(model, optimizer)
     fsdp = di.world_size > 1 and cfg.train.fsdp
     checkpointer = Checkpointer(
         run_dir, model, optimizer, scheduler, sampler, tokenizer, cfg.to_dict(),
@@ -268,6 +276,7 @@ def prepare_run(
         splits=splits, extra_eval=extra, eval_steps=evaluation_steps(cfg), model=model,
         train_model=train_model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
         checkpointer=checkpointer, step=step, resumed=ckpt is not None, micro_batch=micro,
+        router_hook=router_hook,
     )  # fmt: skip
     write_run_files(run)
     return run

@@ -28,8 +28,12 @@ Gradient masking. The loop knows no masking method: the caller passes a factory
 optimizer step. ``finetune`` refuses a config that asks for masking (``migu_ratio`` /
 ``random_mask_ratio``) without a masker.
 
+Router step state (aux-loss-free expert biases, the "global" balance loss's counts) is closed
+once per optimizer step by :func:`rmoe.training.step.attach_router_step`'s pre-hook, removed at
+the end of the call.
+
 Options (:class:`SFTConfig`): ``freeze_router`` (the routers and the shared recurrent cell get no
-update, as GW-MoE's fine-tuning scripts do); ``gw_threshold`` / ``gw_max_tokens_per_seq`` /
+update, as GW-MoE's fine-tuning scripts do; the expert biases stay as they are too); ``gw_threshold`` / ``gw_max_tokens_per_seq`` /
 ``gw_random`` (GW-MoE broadcasting during training only, or the same-count random control; the
 model's GW policy is restored afterwards); ``migu_ratio`` / ``random_mask_ratio`` (MIGU gradient
 masking of every linear layer and expert weight, or its random-row control, see
@@ -54,7 +58,7 @@ from ..formatting import fmt_number
 from ..runtime import autocast_dtype, resolve_device
 from .optim import adamw, warmup_constant
 from .sft_eval import NORMALIZATIONS, evaluate_examples
-from .step import GradientMasker, apply_update
+from .step import GradientMasker, apply_update, attach_router_step
 from .surgery import freeze_router, gw_training
 
 log = logging.getLogger(__name__)
@@ -125,7 +129,8 @@ class SFTConfig:
         grad_clip: global gradient-norm clip (0 = off); applied to the masked gradients.
         max_len: tokens per example (BOS + prompt + answer + EOS); prompts are cut from the left.
         seed: example order, random masks and GW's random control.
-        freeze_router: no updates to the routers and the shared recurrent cell.
+        freeze_router: no updates to the routers and the shared recurrent cell (nor to the
+            routers' expert biases).
         gw_threshold: GW-MoE normalised-entropy threshold for training (None = the model's).
         gw_max_tokens_per_seq: GW-MoE cap per sequence (None = the model's).
         gw_random: broadcast as many random tokens as GW would (the control).
@@ -459,6 +464,7 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
+    router_hook = attach_router_step(model, optimizer, update_bias=not cfg.freeze_router)
     loop = _Loop(
         model,
         cfg,
@@ -495,6 +501,7 @@ def finetune(
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
                     _evaluate(result, model, tokenizer, eval_examples, cfg, step)
     finally:
+        router_hook.remove()
         if loop.masker is not None:
             loop.masker.remove()
         torch.random.set_rng_state(torch_state)

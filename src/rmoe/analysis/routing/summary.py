@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,11 @@ from rmoe.analysis.routing.balance import (
     router_entropy,
 )
 from rmoe.analysis.routing.mutual_information import binned_mutual_information_matrix
+
+if TYPE_CHECKING:
+    import torch
+
+    from rmoe.modeling.routing import RoutingResult
 
 # --------------------------------------------------------------------------------------------
 # one-call summary
@@ -151,41 +156,75 @@ def routing_summary(
     return out
 
 
-def training_log_stats(router_logits: Sequence[Any], k: int) -> dict[str, list[float]]:
-    """Per-MoE-layer statistics the trainer logs, from router logits (torch [N, E] each):
-    load coefficient of variation, max load violation (max/mean - 1), mean normalised entropy
-    and the Switch balance loss. Computed with torch on the logits' device (no host copy of
-    the [N, E] tensors)."""
+def training_log_stats(
+    routing: Sequence[RoutingResult],
+    expert_biases: Sequence[torch.Tensor | None] | None = None,
+) -> dict[str, list[float]]:
+    """Per-MoE-layer statistics the trainer logs, from the routing the model used.
+
+    Computed with torch on the tensors' device (no host copy of the [N, E] tensors), from each
+    layer's `RoutingResult` (over N tokens): ``probs`` [N, E] (the router's distribution, also
+    for sigmoid scores), ``topk_idx`` [N, K] (the actual choice, made on the biased scores when
+    the router has an expert bias) and ``dropped`` [N, K] (None when dropless).
+
+    Args:
+        routing: per MoE layer, the `RoutingResult` of one micro-batch.
+        expert_biases: per MoE layer, the router's expert bias [E] (or None for a layer without
+            one), in the same order as ``routing``; None = no layer has a bias.
+
+    Returns:
+        Lists with one value per MoE layer:
+        ``load_cv`` (coefficient of variation of the assignments per expert, std / mean),
+        ``max_violation`` (max load / mean load - 1), ``entropy`` (mean normalised entropy
+        H / ln E of ``probs``), ``aux`` (the Switch balance loss E * sum_e f_e P_e of this
+        micro-batch: a diagnostic comparable across balance-loss types; the loss that was
+        trained is the step's ``aux_loss``), ``dropped`` (share of the N*K assignments dropped
+        by the capacity; 0.0 when dropless). The loads count the router's choices, kept or
+        dropped. ``bias_range`` (max - min of the layer's expert bias; 0.0 for a layer
+        without one) is present only when some layer has an expert bias, so its absence
+        means "no expert bias" rather than a perfectly flat one.
+
+    Raises:
+        ValueError: ``expert_biases`` is not one entry per layer.
+    """
     import torch
 
     from rmoe.modeling.losses import load_balancing_loss
     from rmoe.modeling.losses import normalized_entropy as torch_normalized_entropy
 
-    out: dict[str, list[float]] = {"load_cv": [], "max_violation": [], "entropy": [], "aux": []}
-    for logits in router_logits:
-        p = torch.softmax(logits.detach().float(), -1)
-        idx = p.topk(k, -1).indices
+    keys = ("load_cv", "max_violation", "entropy", "aux", "dropped")
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    for r in routing:
+        p, idx = r.probs.detach().float(), r.topk_idx
         counts = torch.bincount(idx.reshape(-1), minlength=p.shape[-1]).float()
         mean = counts.mean()
         out["load_cv"].append((counts.std(unbiased=False) / mean).item())
         out["max_violation"].append((counts.max() / mean - 1).item())
         out["entropy"].append(torch_normalized_entropy(p).mean().item())
         out["aux"].append(load_balancing_loss(p, idx).item())
+        out["dropped"].append(r.dropped_share)
+    biases = list(expert_biases) if expert_biases is not None else []
+    if any(b is not None for b in biases):
+        if len(biases) != len(out["aux"]):
+            raise ValueError(
+                f"expert_biases has {len(biases)} entries for {len(out['aux'])} MoE layers; "
+                "pass one per layer (None for a layer without a bias)"
+            )
+        out["bias_range"] = [0.0 if b is None else (b.max() - b.min()).item() for b in biases]
     return out
 
 
-def router_logit_stats(router_logits: Sequence[Any]) -> dict[str, list[float]]:
-    """Per MoE layer, how sharp the router is: the standard deviation of its logits (torch
-    [N, E] each, over all tokens and experts) and the mean normalised entropy H / ln E of its
-    softmax (1 = uniform routing). ``rmoe info --init-stats`` reports these for a freshly
-    initialised model."""
-    import torch
-
+def router_logit_stats(routing: Sequence[RoutingResult]) -> dict[str, list[float]]:
+    """Per MoE layer, how sharp the router is: the standard deviation of its logits
+    (``RoutingResult.logits`` [N, E], over all tokens and experts) and the mean normalised
+    entropy H / ln E of its distribution over experts (``RoutingResult.probs`` [N, E]: the
+    softmax, or the sigmoid scores normalised to sum to one; 1 = uniform routing).
+    ``rmoe info --init-stats`` reports these for a freshly initialised model."""
     from rmoe.modeling.losses import normalized_entropy as torch_normalized_entropy
 
     out: dict[str, list[float]] = {"logit_std": [], "entropy": []}
-    for logits in router_logits:
-        z = logits.detach().float()
+    for r in routing:
+        z = r.logits.detach().float()
         out["logit_std"].append(z.std(unbiased=False).item())
-        out["entropy"].append(torch_normalized_entropy(torch.softmax(z, -1)).mean().item())
+        out["entropy"].append(torch_normalized_entropy(r.probs.detach().float()).mean().item())
     return out
