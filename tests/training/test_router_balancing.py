@@ -273,3 +273,16 @@ def test_finetune_updates_the_bias_per_step_unless_the_router_is_frozen(freeze):
         assert set((biases / 0.125).tolist()) <= {-2.0, -1.0, 0.0, 1.0, 2.0}
     assert all(r.take_load().sum() == 0 for r in bias_routers(model))  # closed by the last step
     assert all(m.step_counts is None for m in model.modules() if isinstance(m, GlobalBalance))
+
+
+def test_progress_bar_shows_the_dropped_share_only_when_something_was_dropped():
+    from rmoe.training.step import StepRecord
+    from rmoe.training.trainer import progress_postfix
+
+    logged = {"tokens_per_s": 1234.0}
+    rec = StepRecord(loss=2.0, lm_loss=2.0, aux_loss=1.0, z_loss=0.0)
+    assert progress_postfix(rec, logged) == {"loss": "2.0000", "tok_s": "1,234"}
+    rec.routing = {"dropped": [0.0, 0.0]}
+    assert "drop" not in progress_postfix(rec, logged)
+    rec.routing = {"dropped": [0.01, 0.125]}
+    assert progress_postfix(rec, logged)["drop"] == "12.5%"

@@ -81,7 +81,12 @@ def validate(run: PreparedRun, writer: MetricsWriter, step: int) -> dict[str, fl
 
 
 def step_record(run: PreparedRun, step: int, rec: StepRecord, clock: dict[str, float]) -> dict:
-    """The metrics.jsonl record of a logged step (``clock`` holds the throughput timer)."""
+    """The metrics.jsonl record of a logged step (``clock`` holds the throughput timer).
+
+    The routing statistics go in as one list per key, one value per MoE layer: ``layer_load_cv``,
+    ``layer_max_violation``, ``layer_entropy``, ``layer_aux``, ``layer_dropped`` and, with expert
+    biases, ``layer_bias_range`` (see :func:`rmoe.analysis.routing.training_log_stats`); the
+    metrics writer mirrors them to TensorBoard as ``layer_<key>/layer<i>``."""
     now = time.perf_counter()
     tps = clock["tokens"] / max(now - clock["last"], 1e-9)
     clock.update(last=now, tokens=0)
@@ -100,6 +105,16 @@ def step_record(run: PreparedRun, step: int, rec: StepRecord, clock: dict[str, f
         out["grad_norm"] = rec.grad_norm
     if rec.routing is not None:
         out.update({f"layer_{k}": v for k, v in rec.routing.items()})
+    return out
+
+
+def progress_postfix(rec: StepRecord, logged: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's numbers for a logged step: loss, throughput and, when the capacity
+    dropped assignments, the largest per-layer dropped share."""
+    out = {"loss": f"{rec.loss:.4f}", "tok_s": f"{logged['tokens_per_s']:,.0f}"}
+    dropped = max((rec.routing or {}).get("dropped") or [0.0])
+    if dropped > 0:
+        out["drop"] = f"{dropped:.1%}"
     return out
 
 
@@ -188,7 +203,7 @@ def _loop(
                 logged = step_record(run, step, rec, clock)
                 writer.write(logged)
                 if pbar is not None:
-                    pbar.set_postfix(loss=f"{rec.loss:.4f}", tok_s=f"{logged['tokens_per_s']:,.0f}")
+                    pbar.set_postfix(progress_postfix(rec, logged))
             if pbar is not None:
                 pbar.update(1)
             if _is_eval_step(cfg, run.eval_steps, step):
