@@ -119,7 +119,10 @@ def variants(s: StepShape, quick: bool) -> dict[str, Any]:
 
 def make_step(model: torch.nn.Module, ids: torch.Tensor):
     """One AdamW training step on ids [B, T] (labels = ids)."""
+    from rmoe.modeling import install_router_step_hook
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    install_router_step_hook(model, opt)  # expert-bias update / global-loss reset (rmoe only)
     model.train()
 
     def step() -> None:

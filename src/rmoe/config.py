@@ -127,7 +127,8 @@ class RMoEConfig(PretrainedConfig):
             (N(0, router_init_std), zero biases) or "uniform" (PyTorch's nn.Linear default,
             U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias).
         router_init_std (float | None, None): std of the "normal" router init (None =
-            initializer_range).        router_bias (bool, False): biases on router projections and linear scorers.
+            initializer_range).
+        router_bias (bool, False): biases on router projections and linear scorers.
         router_mlp_hidden (int | None, None): hidden width of the "mlp" router (None = hidden_size).
         router_xmoe_dim (int, 16): low dimension of the "xmoe" router/scorer.
         router_temperature_init (float, 0.07): initial temperature of cosine/xmoe scorers

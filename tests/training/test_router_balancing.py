@@ -236,12 +236,6 @@ def test_save_pretrained_and_from_pretrained_keep_the_bias(tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(
-    reason="modeling bug: from_pretrained(dtype=bfloat16) casts the float32 expert bias to "
-    "bfloat16 (load_model's .to() makes it float32 again, already rounded); fix: "
-    "RMoEPreTrainedModel._keep_in_fp32_modules_strict = ['expert_bias']",
-    strict=False,
-)
 def test_loading_in_bfloat16_keeps_the_bias_float32_and_exact(tmp_path):
     model = _model()
     for r in bias_routers(model):

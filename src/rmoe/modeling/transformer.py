@@ -263,6 +263,8 @@ class RMoEPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
     _supports_cache_class = True
+    # the aux-loss-free expert bias stays float32 when loading in another dtype (buffer name)
+    _keep_in_fp32_modules_strict = ["expert_bias"]
 
     def _init_weights(self, module: nn.Module) -> None:
         """Documented in `RMoEConfig.initializer_range`."""
