@@ -3,6 +3,7 @@ combine a `router:` preset with `set:` keys."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rmoe import RMoEConfig, RMoEForCausalLM
@@ -133,3 +134,39 @@ def test_summary_lists_each_arms_settings(spec_dict, tmp_path):
     assert "router_type=linear" in row
     assert "model.router_score_func=sigmoid, model.router_expert_bias=true" in row
     assert "model.router_aux_loss_coef=0" in row
+
+
+def test_evaluation_reports_max_violation_and_the_dropped_share():
+    """`collect_routing` keeps each layer's dropped assignments (eval capacity) and
+    `load_summary` turns them and the loads into MaxVio and the dropped share."""
+    import numpy as np
+
+    from rmoe.experiments.evaluate import collect_routing, load_summary
+
+    kw = dict(
+        vocab_size=258,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        router_type="linear",
+    )
+    tokens = np.random.default_rng(0).integers(0, 256, 2000)
+    for capacity in (None, 0.5):
+        torch.manual_seed(0)
+        model = RMoEForCausalLM(RMoEConfig(**kw, eval_capacity_factor=capacity)).eval()
+        sample = collect_routing(model, tokens, seq_len=16, batch_size=4, max_tokens=128)
+        assert [p.shape for p in sample.probs] == [(128, 4)] * 2
+        got = load_summary(sample, 4)
+        counts = [np.bincount(t.ravel(), minlength=4) for t in sample.topk]
+        want = [c.max() / c.mean() - 1 for c in counts]
+        assert got["layer_max_violation"] == pytest.approx(want)
+        assert got["max_violation"] == pytest.approx(np.mean(want))
+        if capacity is None:
+            assert got["dropped_share"] is None and got["layer_dropped_share"] == [None, None]
+        else:  # per forward of 4 x 16 tokens: capacity ceil(0.5 * 64 * 2 / 4) = 16 slots for
+            # the 32 assignments an expert gets on average
+            assert all(d.shape == (128, 2) for d in sample.dropped)
+            assert got["dropped_share"] >= 0.5

@@ -26,6 +26,9 @@ A spec is YAML::
       - {name: rmoe, router: recurrent}
       - {name: smoe-flops, router: linear, match: flops, seeds: [0]}
       - {name: rmoe-p64, router: recurrent, set: {model.router_dim: 64}}
+      - {name: rmoe-lossfree, router: recurrent,
+         set: {model.router_score_func: sigmoid, model.router_expert_bias: true,
+               model.router_aux_loss_coef: 0.0}}
 
 Router variants (`router:`) name a set of model keys; see `ROUTER_VARIANTS` (built from the
 router registry, `rmoe.registry.ROUTERS`, and each router class's presets).
@@ -49,7 +52,10 @@ from ..training.config import TrainConfig, from_dict, load_config, set_key
 
 # router variant -> model keys it sets (every other router key keeps the base value): one per
 # registered router ("linear", ..., "recurrent") plus each router class's named presets
-# ("recurrent-np", "recurrent-detach", "recurrent-xmoe"); see `Router.presets`.
+# ("recurrent-np", "recurrent-detach", "recurrent-xmoe", "recurrent-np-r0.5", "recurrent-np-r1",
+# "recurrent-detach-r", "recurrent-sproj"); see `Router.presets`. An arm's `set:` keys are
+# applied after its variant's keys, so any variant composes with any score function, balancing
+# and capacity setting.
 ROUTER_VARIANTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {name: MappingProxyType(keys) for name, keys in router_presets().items()}
 )
@@ -82,7 +88,8 @@ class ArmSpec:
     Attributes:
         name: short id (letters, digits, `-`, `_`), used in run-directory names.
         router: a key of `ROUTER_VARIANTS`.
-        set: extra `section.key: value` overrides for this arm only.
+        set: extra `section.key: value` overrides for this arm only, applied after the
+            router variant's model keys (so they win over them).
         seeds: seeds of this arm (None = the spec's seeds).
         depths: depths of this arm (None = the spec's depths).
         match: `tokens` (the base max_steps) or `flops` (steps so that total training FLOPs

@@ -4,7 +4,8 @@ information and routing agreement between checkpoints.
 All functions are model-agnostic. They take, per MoE layer,
 
 * ``probs``  [N, E] float — the router's softmax over **all** E experts (not logits, not the
-  renormalised top-k weights), one row per token;
+  renormalised top-k weights), one row per token; for a sigmoid router (DeepSeek-V3), its
+  per-expert scores normalised to sum to one (``RoutingResult.probs``, ``LayerCapture.probs``);
 * ``topk``   [N, K] int   — the chosen expert indices, column 0 being the highest-scoring choice
   (``torch.topk`` order);
 * ``mask``   [N] bool     — optional; False drops a token (padding).
