@@ -170,3 +170,74 @@ def test_evaluation_reports_max_violation_and_the_dropped_share():
             # the 32 assignments an expert gets on average
             assert all(d.shape == (128, 2) for d in sample.dropped)
             assert got["dropped_share"] >= 0.5
+
+
+def test_training_routing_from_the_training_log():
+    from rmoe.experiments.evaluate import training_routing
+
+    assert training_routing([{"step": 1, "loss": 1.0}]) == {
+        "train_dropped_share": None,
+        "final_bias_range": None,
+    }
+    records = [
+        {"step": 1, "layer_dropped": [0.1, 0.3], "layer_bias_range": [0.001, 0.002]},
+        {"step": 2, "layer_dropped": [0.0, 0.2], "layer_bias_range": [0.004, 0.003]},
+    ]
+    got = training_routing(records)
+    assert got["train_dropped_share"] == pytest.approx(0.15)
+    assert got["final_bias_range"] == pytest.approx(0.004)
+
+
+def _fake_results(step: int, dropped: float, bias: float | None, eval_drop: float | None):
+    split = {
+        "loss": 2.0,
+        "bpb": 3.0,
+        "tokens_per_byte": 1.0,
+        "batch_loss_sum": [64.0, 66.0],
+        "batch_tokens": [32, 32],
+    }
+    routing = {k: 1.0 for k in ("inner_balance", "outer_balance", "entropy", "mi_mean")}
+    routing.update(mi_adjacent=0.5, max_violation=0.25, dropped_share=eval_drop)
+    return {
+        "step": step,
+        "splits": {"valid": split, "test": split},
+        "routing": routing,
+        "tokens_per_s": 100.0,
+        "train_dropped_share": dropped,
+        "final_bias_range": bias,
+    }
+
+
+def test_summary_shows_the_router_stage_columns_only_when_used(spec_dict, tmp_path):
+    import json
+
+    from rmoe.experiments import run_dir_of
+
+    spec_dict["arms"].append({"name": "cap", "router": "linear", "label": "CAP"})
+    spec = spec_from_dict(spec_dict)
+    runs = plan_runs(spec)
+    values = {"smoe": (0.0, None, None), "rmoe": (0.0, 0.01, None), "cap": (0.07, None, 0.0)}
+    for r in runs:
+        d = run_dir_of(tmp_path, r)
+        d.mkdir(parents=True)
+        results = _fake_results(r.max_steps, *values[r.arm])
+        (d / "arm_results.json").write_text(json.dumps(results))
+    write_report(spec, runs, tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    head = next(ln for ln in summary.splitlines() if ln.startswith("| arm | L |"))
+    assert "MaxVio | dropped (train) | dropped (eval) | bias range |" in head
+    cap = next(ln for ln in summary.splitlines() if ln.startswith("| CAP | 2 |"))
+    assert cap.endswith("| 0.250 | 0.070 | 0.000 | – |")
+    # without capacity or bias, the columns are left out
+    values = {a: (0.0, None, None) for a in values}
+    for r in runs:
+        (run_dir_of(tmp_path, r) / "arm_results.json").write_text(
+            json.dumps(_fake_results(r.max_steps, *values[r.arm]))
+        )
+    write_report(spec, runs, tmp_path)
+    head = next(
+        ln
+        for ln in (tmp_path / "summary.md").read_text().splitlines()
+        if ln.startswith("| arm | L |")
+    )
+    assert head.endswith("| MaxVio |")

@@ -5,7 +5,8 @@ and the summed loss and token count of every batch are kept, so two arms can be 
 by batch (paired bootstrap, `rmoe.experiments.stats`). Routing statistics (inner/outer balance,
 router entropy, binned cross-layer mutual information, from `rmoe.analysis.routing`) are computed
 on the first `routing_tokens` tokens of the last split, with the expert-load MaxVio and the
-share of assignments an evaluation capacity (`eval_capacity_factor`) dropped.
+share of assignments an evaluation capacity (`eval_capacity_factor`) dropped; from the training
+log, the share the training capacity dropped and the final expert-bias range.
 
 Run as a subprocess by the experiment runner:
     python -m rmoe.experiments.evaluate RUN_DIR --eval-json '{"batches": 16, ...}'
@@ -158,6 +159,20 @@ def load_summary(sample: RoutingSample, num_experts: int) -> dict[str, Any]:
     }
 
 
+def training_routing(train_records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """What the trainer logged about the router stages (`layer_dropped`, `layer_bias_range`
+    per MoE layer, see `rmoe.training.trainer`): the share of assignments the training
+    capacity dropped, averaged over layers and logged steps (None when not logged), and the
+    largest expert-bias range max_e b_e - min_e b_e over layers at the last logged step (None
+    without an expert bias)."""
+    dropped = [float(np.mean(r["layer_dropped"])) for r in train_records if r.get("layer_dropped")]
+    ranges = [r["layer_bias_range"] for r in train_records if r.get("layer_bias_range")]
+    return {
+        "train_dropped_share": float(np.mean(dropped)) if dropped else None,
+        "final_bias_range": float(max(ranges[-1])) if ranges else None,
+    }
+
+
 def throughput(train_records: list[dict[str, Any]]) -> float:
     """Median training tokens/s over logged records (the first record, which includes start-up,
     is skipped when there are others)."""
@@ -206,6 +221,7 @@ def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dic
     res["tokens_per_s"] = throughput(metrics["train"])
     res["train_elapsed_s"] = metrics["train"][-1].get("elapsed_s") if metrics["train"] else None
     res["final_train_loss"] = metrics["train"][-1].get("lm_loss") if metrics["train"] else None
+    res.update(training_routing(metrics["train"]))
     return res
 
 

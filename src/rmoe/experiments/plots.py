@@ -63,7 +63,8 @@ def plot_loss_curves(out_dir: Path, rows: list[dict[str, Any]], spec: Experiment
     axes[2].set(xlabel="training tokens", ylabel="validation bits/byte (trainer evals)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    if axes[0].get_legend_handles_labels()[0]:  # runs without a training log draw no line
+        axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{spec.name}: loss curves")
     fig.tight_layout()
     path = out_dir / "loss_curves.png"

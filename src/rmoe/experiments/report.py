@@ -38,6 +38,7 @@ ROUTING_KEYS = (
     "max_violation",
     "dropped_share",
 )
+TRAINING_KEYS = ("train_dropped_share", "final_bias_range")
 
 
 def machine_info() -> dict[str, Any]:
@@ -135,6 +136,10 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
         entry["tokens_per_s_mean"], entry["tokens_per_s_std"] = mean_std(
             [d["results"]["tokens_per_s"] for d in done]
         )
+        for key in TRAINING_KEYS:
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(
+                [d["results"].get(key) for d in done]
+            )
         for key in ROUTING_KEYS:
             vals = [d["results"]["routing"].get(key) for d in done if d["results"].get("routing")]
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(vals)
@@ -277,9 +282,18 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
         "MI (adjacent)",
         "MaxVio",
     ]
-    dropping = any(not math.isnan(e["dropped_share_mean"]) for e in agg["arms"])
-    if dropping:
-        head.append("dropped")
+    # the training log has a dropped share for every run (0 when dropless): shown when > 0;
+    # the eval dropped share and the bias range exist only for arms that set them
+    optional = [
+        (key, title, digits)
+        for key, title, digits, least in (
+            ("train_dropped_share", "dropped (train)", 3, 0.0),
+            ("dropped_share", "dropped (eval)", 3, -1.0),
+            ("final_bias_range", "bias range", 4, -1.0),
+        )
+        if any(e[f"{key}_mean"] > least for e in agg["arms"])  # NaN > x is False
+    ]
+    head += [title for _, title, _ in optional]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in agg["arms"]:
         n = len(e["seeds"])
@@ -296,8 +310,7 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
             _pm(e["mi_adjacent_mean"], e["mi_adjacent_std"], n, 3),
             _pm(e["max_violation_mean"], e["max_violation_std"], n, 3),
         ]
-        if dropping:
-            cells.append(_pm(e["dropped_share_mean"], e["dropped_share_std"], n, 3))
+        cells += [_pm(e[f"{k}_mean"], e[f"{k}_std"], n, digits) for k, _, digits in optional]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -308,8 +321,10 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
         "routing profiles (nats; paper recipe, 100 bins), all averaged over layers. For a "
         "sigmoid router the probabilities are its scores normalised to sum to one. MaxVio = "
         "max expert load / mean load - 1 on the routing tokens (0 = balanced; Loss-Free "
-        "Balancing's metric); dropped = share of assignments dropped by the evaluation "
-        "capacity (`eval_capacity_factor`), shown when an arm sets one.",
+        "Balancing's metric). Shown when an arm has them: dropped = share of assignments the "
+        "capacity dropped (train: `capacity_factor`, mean over the logged steps; eval: "
+        "`eval_capacity_factor`, on the routing tokens); bias range = max - min of a layer's "
+        "expert bias at the end of training (largest over layers).",
         "",
     ]
     return lines
