@@ -119,3 +119,41 @@ def test_param_groups_decay_matrices_only_and_skip_frozen():
     ids = {id(p) for p in itertools.chain(decay["params"], no_decay["params"])}
     assert id(model.lm_head.weight) not in ids
     assert len(ids) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_router_lr_multiplier_and_weight_decay_get_their_own_groups():
+    from rmoe.modeling.accounting import is_router_parameter
+    from rmoe.training.optim import warmup_constant
+
+    model = _model(router_bias=True)
+    assert len(param_groups(model, 0.1, lr=1e-3, router_lr_mult=1.0)) == 2  # unchanged default
+    groups = param_groups(model, 0.1, lr=1e-3, router_lr_mult=4.0, router_weight_decay=0.0)
+    router = [g for g in groups if g.get("router")]
+    assert [g["lr"] for g in router] == [4e-3, 4e-3]
+    assert [g["weight_decay"] for g in router] == [0.0, 0.0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        assert all(is_router_parameter(names[id(p)]) == bool(g.get("router")) for p in g["params"])
+    covered = sum(len(g["params"]) for g in groups)
+    assert covered == sum(1 for _ in model.parameters())
+    assert any("router_cell" in names[id(p)] for g in router for p in g["params"])
+    with pytest.raises(ValueError, match="base lr"):
+        param_groups(model, 0.1, router_lr_mult=2.0)
+    # the schedule scales every group from its own lr
+    opt = adamw(model, 1e-3, 0.1, router_lr_mult=4.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(2))
+    assert sched.get_last_lr()[-1] == pytest.approx(4 * sched.get_last_lr()[0])
+
+
+def test_router_lr_multiplier_from_the_run_config(micro_cfg):
+    from rmoe.training.config import TrainConfig
+    from rmoe.training.optim import build_optimizer
+
+    cfg = micro_cfg(optim=dict(router_lr_mult=0.5, router_weight_decay=0.01))
+    assert isinstance(cfg, TrainConfig)
+    opt = build_optimizer(_model(), cfg)
+    router = [g for g in opt.param_groups if g.get("router")]
+    assert router and all(g["lr"] == pytest.approx(cfg.optim.lr * 0.5) for g in router)
+    assert {g["weight_decay"] for g in router} == {0.01, 0.0}
+    with pytest.raises(ValueError, match="router_lr_mult"):
+        micro_cfg(optim=dict(router_lr_mult=0.0))

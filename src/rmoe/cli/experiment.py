@@ -70,7 +70,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from rmoe.experiments import load_spec, plan_runs, quick_spec, run_experiment, spec_names
+    from rmoe.experiments import (
+        format_plan,
+        load_spec,
+        plan_runs,
+        quick_spec,
+        run_experiment,
+        spec_names,
+    )
     from rmoe.experiments.spec import spec_text
 
     if args.list:
@@ -92,13 +99,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/experiments/{spec.name}"
     runs = plan_runs(spec, only or None)
     print(f"experiment {spec.name}: {len(runs)} runs -> {out}")
-    for r in runs:
-        print(
-            f"  {r.run_id:28s} {r.router:17s} steps {r.max_steps:6d}  "
-            f"tokens {r.max_steps * r.tokens_per_step:>12,d}  "
-            f"FLOPs/token {r.counts.forward_flops_per_token:>12,d}  "
-            f"train FLOPs {r.train_flops:.3e}"
-        )
+    for line in format_plan(runs):
+        print(f"  {line}")
     if args.dry_run:
         return 0
 

@@ -127,6 +127,17 @@ def count_config(cfg: RMoEConfig, seq_len: int | None = None) -> ModelCounts:
     )
 
 
+ROUTER_PARTS = ("router", "router_cell", "router_shared")
+"""Module names that hold router parameters: each layer's `router`, the model's shared
+recurrent cell and its module shared by all layers' routers."""
+
+
+def is_router_parameter(name: str) -> bool:
+    """Whether the parameter (or buffer) called `name` (as in `named_parameters`) belongs to a
+    router: an MoE layer's router, the shared recurrent cell or the shared router module."""
+    return any(f".{part}." in f".{name}" for part in ROUTER_PARTS)
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Count a built model's parameters by part (shared tensors counted once).
 
@@ -143,7 +154,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         out["total"] += n
         if p.requires_grad:
             out["trainable"] += n
-        if any(f".{part}." in f".{name}" for part in ("router", "router_cell", "router_shared")):
+        if is_router_parameter(name):
             out["router"] += n
         elif ".experts." in f".{name}":
             out["experts"] += n

@@ -25,6 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..config import RMoEConfig
+from .accounting import ROUTER_PARTS
 from .experts import DenseMLP, OutputProjection
 from .losses import training_loss
 from .moe import GWPolicy, MoEBlock
@@ -250,10 +251,6 @@ class DecoderLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
-_SHARED_ROUTER_PARTS = ("router_cell", "router_shared")
-"""The model-level router modules (seeded from the router stream, counted as router)."""
-
-
 class RMoEPreTrainedModel(PreTrainedModel):
     """Weight initialisation and transformers plumbing shared by the rmoe models."""
 
@@ -321,7 +318,7 @@ class RMoEPreTrainedModel(PreTrainedModel):
         g_main = torch.Generator().manual_seed(int(seed))
         g_router = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919)
         for name, module in self.named_modules():
-            is_router = any(f".{r}." in f".{name}." for r in ("router", *_SHARED_ROUTER_PARTS))
+            is_router = any(f".{r}." in f".{name}." for r in ROUTER_PARTS)
             device_ok = all(p.device.type == "cpu" for p in module.parameters(recurse=False))
             if not device_ok:
                 raise ValueError(

@@ -60,6 +60,10 @@ class OptimConfig:
         schedule: after warm-up: `constant`, `cosine` or `linear` decay to min_lr_ratio * lr.
         min_lr_ratio: final lr as a fraction of `lr` (cosine/linear).
         grad_clip: clip the global gradient norm to this (0 = off).
+        router_lr_mult: the routers' parameters (every MoE layer's router, the shared recurrent
+            cell, the shared router module) train at lr * router_lr_mult, on the same schedule
+            (1 = the same lr as everything else).
+        router_weight_decay: weight decay of the routers' matrices (None = weight_decay).
     """
 
     lr: float = 1e-3
@@ -70,6 +74,8 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    router_lr_mult: float = 1.0
+    router_weight_decay: float | None = None
 
 
 @dataclass
@@ -148,6 +154,11 @@ class TrainConfig:
             (d.grad_accum >= 1, f"data.grad_accum must be >= 1, got {d.grad_accum}"),
             (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
             (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+            (o.router_lr_mult > 0, f"optim.router_lr_mult must be > 0, got {o.router_lr_mult}"),
+            (
+                o.router_weight_decay is None or o.router_weight_decay >= 0,
+                f"optim.router_weight_decay must be >= 0 or null, got {o.router_weight_decay}",
+            ),
             (o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}"),
             (
                 0 <= o.min_lr_ratio <= 1,

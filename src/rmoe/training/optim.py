@@ -7,21 +7,46 @@ from collections.abc import Sequence
 
 import torch
 
+from ..modeling.accounting import is_router_parameter
 from .config import TrainConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    *,
+    lr: float | None = None,
+    router_lr_mult: float = 1.0,
+    router_weight_decay: float | None = None,
+) -> list[dict]:
     """AdamW parameter groups of the trainable parameters: weight decay on matrices and expert
-    tensors (dim >= 2), none on vectors (norms, biases, temperatures); model order kept."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    tensors (dim >= 2), none on vectors (norms, biases, temperatures); model order kept.
+
+    With ``router_lr_mult != 1`` or a ``router_weight_decay``, the router's parameters
+    (`rmoe.modeling.accounting.is_router_parameter`) get groups of their own with lr =
+    ``lr * router_lr_mult`` (``lr`` is then required) and that weight decay; otherwise there
+    are exactly two groups (decay, no decay)."""
+    split = router_lr_mult != 1.0 or router_weight_decay is not None
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        key = (split and is_router_parameter(name), p.dim() >= 2)
+        groups.setdefault(key, []).append(p)
+    out = [
+        {"params": groups.get((False, True), []), "weight_decay": weight_decay},
+        {"params": groups.get((False, False), []), "weight_decay": 0.0},
     ]
+    if split:
+        if lr is None:
+            raise ValueError("param_groups: a router lr multiplier needs the base lr")
+        wd = weight_decay if router_weight_decay is None else router_weight_decay
+        for decays in (True, False):
+            params = groups.get((True, decays), [])
+            if params:
+                group = {"params": params, "weight_decay": wd if decays else 0.0}
+                out.append({**group, "lr": lr * router_lr_mult, "router": True})
+    return out
 
 
 def adamw(
@@ -30,15 +55,34 @@ def adamw(
     weight_decay: float,
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
+    *,
+    router_lr_mult: float = 1.0,
+    router_weight_decay: float | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` of ``model``."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    groups = param_groups(
+        model,
+        weight_decay,
+        lr=lr,
+        router_lr_mult=router_lr_mult,
+        router_weight_decay=router_weight_decay,
+    )
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW as a run's ``optim`` section says (lr, weight decay, betas, eps)."""
+    """AdamW as a run's ``optim`` section says (lr, weight decay, betas, eps, the router's lr
+    multiplier and weight decay)."""
     o = cfg.optim
-    return adamw(model, o.lr, o.weight_decay, o.betas, o.eps)
+    return adamw(
+        model,
+        o.lr,
+        o.weight_decay,
+        o.betas,
+        o.eps,
+        router_lr_mult=o.router_lr_mult,
+        router_weight_decay=o.router_weight_decay,
+    )
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
