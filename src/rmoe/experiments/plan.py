@@ -40,7 +40,9 @@ class ArmRun:
         match: `tokens` or `flops`.
         preset: the model keys the router variant sets (`ROUTER_VARIANTS[router]`).
         settings: the arm's own `set:` overrides (`section.key` -> value), applied after the
-            preset, so they win.
+            preset, so they win (a sweep setting's keys included).
+        family: the arm's name before the sweep (= arm without a sweep).
+        setting: the sweep setting ("" without a sweep).
     """
 
     run_id: str
@@ -54,6 +56,12 @@ class ArmRun:
     match: str
     preset: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    family: str = ""
+    setting: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            self.family = self.arm
 
     @property
     def tokens_per_step(self) -> int:
@@ -80,6 +88,8 @@ class ArmRun:
         return {
             "run_id": self.run_id,
             "arm": self.arm,
+            "family": self.family,
+            "setting": self.setting,
             "label": self.label,
             "router": self.router,
             "depth": self.depth,
@@ -177,14 +187,16 @@ def plan_runs(spec: ExperimentSpec, only: list[str] | None = None) -> list[ArmRu
 
     Args:
         spec: the experiment.
-        only: restrict to these arm names (the FLOP reference is still planned internally to
-            size matched arms, but not returned unless listed).
+        only: restrict to these arm names or families (the FLOP reference is still planned
+            internally to size matched arms, but not returned unless listed).
     """
     base = spec.base_config()
     default_depths = spec.depths or [int(base.model.get("num_hidden_layers", 4))]
     if only:
+        families = spec.families()
         for name in only:
-            spec.arm(name)  # raises with the list of arms
+            if name not in families:
+                spec.arm(name)  # raises with the list of arms
     vocab = vocab_size_of(base.data.tokenizer)
 
     def build(arm: ArmSpec, depth: int, seed: int) -> ArmRun:
@@ -202,6 +214,8 @@ def plan_runs(spec: ExperimentSpec, only: list[str] | None = None) -> list[ArmRu
             match=arm.match,
             preset=dict(ROUTER_VARIANTS[arm.router]),
             settings=dict(arm.set),
+            family=arm.family,
+            setting=arm.setting,
         )
 
     runs: list[ArmRun] = []
@@ -210,7 +224,8 @@ def plan_runs(spec: ExperimentSpec, only: list[str] | None = None) -> list[ArmRu
             for seed in arm.seeds or spec.seeds:
                 run = build(arm, depth, seed)
                 if arm.match == "flops":
-                    ref = build(spec.arm(spec.flops_reference or ""), depth, seed)
+                    ref_arm = spec.arm_for(spec.flops_reference or "", arm.setting)
+                    ref = build(ref_arm, depth, seed)
                     run.config.train.max_steps = matched_steps(
                         ref.max_steps,
                         ref.counts.forward_flops_per_token,
@@ -220,5 +235,5 @@ def plan_runs(spec: ExperimentSpec, only: list[str] | None = None) -> list[ArmRu
                     )
                 runs.append(run)
     if only:
-        runs = [r for r in runs if r.arm in only]
+        runs = [r for r in runs if r.arm in only or r.family in only]
     return runs

@@ -26,6 +26,20 @@ A spec is YAML::
       - {name: rmoe, router: recurrent}
       - {name: smoe-flops, router: linear, match: flops, seeds: [0]}
       - {name: rmoe-p64, router: recurrent, set: {model.router_dim: 64}}
+    sweep:                          # optional: EVERY arm runs each setting (the same tuning
+      - {name: normal}              #   budget for all); an arm's setting is chosen on
+      - {name: uniform, set: {model.router_init: uniform}}   # compare.select_on
+    compare:                        # optional
+      margin: 0.01                  # TOST equivalence margin, bits/byte
+      alpha: 0.05                   # test level (intervals are 1 - 2 alpha for TOST)
+      select_on: valid              # split a swept arm's setting is chosen on
+      report_on: test               # split comparisons are reported on
+    results: experiments/results/NAME   # optional: small per-run results to commit; a rerun
+                                        #   (any machine) treats the runs found there as done
+
+A swept arm `a` with setting `s` runs as the arm `a@s` (family `a`, setting `s`); `set:` keys of
+the setting are applied after the arm's own. `reference` and `budget.flops_reference` name
+families: a FLOP-matched arm gets the flops of the reference family at the same setting.
       - {name: rmoe-lossfree, router: recurrent,
          set: {model.router_score_func: sigmoid, model.router_expert_bias: true,
                model.router_aux_loss_coef: 0.0}}
@@ -75,7 +89,11 @@ _SPEC_KEYS = {
     "threads",
     "arms",
     "notes",
+    "sweep",
+    "compare",
+    "results",
 }
+_COMPARE_KEYS = {"margin", "alpha", "select_on", "report_on"}
 _ARM_KEYS = {"name", "router", "set", "seeds", "depths", "match", "label"}
 _EVAL_KEYS = {"splits", "batches", "batch_size", "routing_tokens", "bootstrap", "mi_bins"}
 _BUDGET_KEYS = {"flops_reference", "time_limit_s"}
@@ -95,6 +113,8 @@ class ArmSpec:
         match: `tokens` (the base max_steps) or `flops` (steps so that total training FLOPs
             equal the budget's `flops_reference` arm at the same depth and seed).
         label: display name in tables and plots (default: name).
+        family: the arm's name before the sweep expanded it (= name when not swept).
+        setting: the sweep setting this arm runs ("" when the spec has no sweep).
     """
 
     name: str
@@ -104,6 +124,44 @@ class ArmSpec:
     depths: list[int] | None = None
     match: str = "tokens"
     label: str = ""
+    family: str = ""
+    setting: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            self.family = self.name
+
+
+@dataclass
+class SweepSetting:
+    """One setting of the spec's tuning sweep, run by every arm.
+
+    Attributes:
+        name: short id (letters, digits, `-`, `_`, `.`), appended to arm names as `@name`.
+        set: `section.key: value` overrides of this setting (applied after the arm's own).
+    """
+
+    name: str
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompareSpec:
+    """How arms are compared.
+
+    Attributes:
+        margin: equivalence margin delta of the TOST verdict, bits per byte (|diff| < delta
+            counts as equivalent when the whole 1 - 2 alpha interval lies inside).
+        alpha: level of each one-sided test.
+        select_on: split on which a swept arm's setting is chosen (lowest mean bits/byte over
+            seeds).
+        report_on: split on which comparisons and verdicts are reported.
+    """
+
+    margin: float = 0.01
+    alpha: float = 0.05
+    select_on: str = "valid"
+    report_on: str = "test"
 
 
 @dataclass
@@ -144,8 +202,12 @@ class ExperimentSpec:
         eval: the post-training evaluation.
         workers: default number of arms trained at once.
         threads: torch CPU threads per arm (0 = cores // workers).
-        arms: the arms.
+        arms: the arms (after the sweep expanded them: `family@setting`).
         notes: free text copied into the summary.
+        sweep: the tuning sweep every arm ran (empty = none).
+        compare: margins and splits of the comparison.
+        results: folder of small committed per-run results (None = none), relative to the
+            working directory.
     """
 
     name: str
@@ -162,6 +224,24 @@ class ExperimentSpec:
     workers: int = 1
     threads: int = 0
     notes: str = ""
+    sweep: list[SweepSetting] = field(default_factory=list)
+    compare: CompareSpec = field(default_factory=CompareSpec)
+    results: str | None = None
+
+    def families(self) -> list[str]:
+        """Arm names before the sweep, in spec order."""
+        return list(dict.fromkeys(a.family for a in self.arms))
+
+    def family_arms(self, family: str) -> list[ArmSpec]:
+        """The arms of one family (one per sweep setting; the arm itself without a sweep)."""
+        return [a for a in self.arms if a.family == family]
+
+    def arm_for(self, family: str, setting: str = "") -> ArmSpec:
+        """The arm of `family` that runs sweep `setting` (ValueError naming the arms)."""
+        for a in self.arms:
+            if a.family == family and a.setting == setting:
+                return a
+        return self.arm(family if not setting else f"{family}@{setting}")
 
     def arm(self, name: str) -> ArmSpec:
         """The arm called `name` (ValueError naming the arms otherwise)."""
@@ -283,6 +363,12 @@ def spec_from_dict(raw: dict[str, Any]) -> ExperimentSpec:
             label=str(a.get("label") or a["name"]),
         )
         arms.append(arm)
+    sweep = _parse_sweep(raw.get("sweep"), name)
+    if sweep:
+        arms = [_swept(a, s) for a in arms for s in sweep]
+    compare_raw = raw.get("compare") or {}
+    _check_keys(compare_raw, _COMPARE_KEYS, "compare")
+    compare = CompareSpec(**compare_raw)
     ev_raw = raw.get("eval") or {}
     _check_keys(ev_raw, _EVAL_KEYS, "eval")
     ev = EvalSpec(**ev_raw)
@@ -303,9 +389,44 @@ def spec_from_dict(raw: dict[str, Any]) -> ExperimentSpec:
         workers=int(raw.get("workers", 1)),
         threads=int(raw.get("threads", 0)),
         notes=str(raw.get("notes", "")),
+        sweep=sweep,
+        compare=compare,
+        results=str(raw["results"]) if raw.get("results") else None,
     )
     validate_spec(spec)
     return spec
+
+
+def _parse_sweep(value: Any, spec_name: str) -> list[SweepSetting]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"spec {spec_name!r}: sweep must be a non-empty list of {{name, set}}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or "name" not in item:
+            raise ValueError(f"spec {spec_name!r}: sweep[{i}] must be a mapping with a name")
+        _check_keys(item, {"name", "set"}, f"sweep[{i}]")
+        out.append(SweepSetting(str(item["name"]), dict(item.get("set") or {})))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"spec {spec_name!r}: sweep setting names must be unique, got {names}")
+    return out
+
+
+def _swept(arm: ArmSpec, setting: SweepSetting) -> ArmSpec:
+    """`arm` running sweep `setting`: named `arm@setting`, the setting's keys after the arm's."""
+    return ArmSpec(
+        name=f"{arm.name}@{setting.name}",
+        router=arm.router,
+        set={**arm.set, **setting.set},
+        seeds=arm.seeds,
+        depths=arm.depths,
+        match=arm.match,
+        label=f"{arm.label}@{setting.name}",
+        family=arm.name,
+        setting=setting.name,
+    )
 
 
 def validate_spec(spec: ExperimentSpec) -> None:
@@ -313,10 +434,15 @@ def validate_spec(spec: ExperimentSpec) -> None:
     import re
 
     seen = set()
-    for a in spec.arms:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", a.name):
+    for s in spec.sweep:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", s.name):
             raise ValueError(
-                f"arm name {a.name!r} must be letters, digits, '-', '_' or '.' (used in paths)"
+                f"sweep setting {s.name!r} must be letters, digits, '-', '_' or '.' (used in paths)"
+            )
+    for a in spec.arms:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", a.family):
+            raise ValueError(
+                f"arm name {a.family!r} must be letters, digits, '-', '_' or '.' (used in paths)"
             )
         if a.name in seen:
             raise ValueError(f"arm name {a.name!r} appears twice in spec {spec.name!r}")
@@ -332,16 +458,23 @@ def validate_spec(spec: ExperimentSpec) -> None:
             raise ValueError(
                 f"arm {a.name!r} has match: flops but the spec has no budget.flops_reference"
             )
+    families = spec.families()
     for ref, what in (
         (spec.reference, "reference"),
         (spec.flops_reference, "budget.flops_reference"),
     ):
-        if ref is not None and ref not in seen:
-            raise ValueError(
-                f"spec {spec.name!r}: {what}={ref!r} is not an arm; arms: {sorted(seen)}"
-            )
-    if spec.flops_reference and spec.arm(spec.flops_reference).match != "tokens":
+        if ref is not None and ref not in families:
+            raise ValueError(f"spec {spec.name!r}: {what}={ref!r} is not an arm; arms: {families}")
+    if spec.flops_reference and any(
+        a.match != "tokens" for a in spec.family_arms(spec.flops_reference)
+    ):
         raise ValueError("budget.flops_reference must itself be a `match: tokens` arm")
+    c = spec.compare
+    splits = ("train", "valid", "test")
+    if not c.margin > 0 or not 0 < c.alpha < 0.5:
+        raise ValueError(f"compare: margin must be > 0 and alpha in (0, 0.5), got {c}")
+    if c.select_on not in splits or c.report_on not in splits:
+        raise ValueError(f"compare: select_on and report_on must be train/valid/test, got {c}")
     e = spec.eval
     if e.batches < 1 or e.batch_size < 1 or e.bootstrap < 0 or e.routing_tokens < 0:
         raise ValueError(
