@@ -62,6 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="shrink the spec to a tiny model and a few steps (seconds on a CPU) to check it",
     )
+    p.add_argument(
+        "--results",
+        default=None,
+        metavar="DIR",
+        help="folder of small per-run results to commit (default: the spec's `results:`); "
+        "runs found there with the same config count as done, finished runs are copied there",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--list", action="store_true", help="list the shipped specs and exit")
     return p
@@ -116,7 +123,14 @@ def run(args: argparse.Namespace) -> int:
         else f"rmoe experiment {args.spec}"
     )
     res = run_experiment(
-        spec, out, args.workers, only or None, args.threads, command=command, on_done=on_done
+        spec,
+        out,
+        args.workers,
+        only or None,
+        args.threads,
+        command=command,
+        on_done=on_done,
+        results_dir=args.results,
     )
     print(f"summary: {res.out_dir / 'summary.md'}")
     print(f"results: {res.out_dir / 'results.json'}")

@@ -104,6 +104,7 @@ def run_experiment(
     threads: int | None = None,
     command: str = "",
     on_done: Callable[[RunOutcome], None] | None = None,
+    results_dir: str | Path | None = None,
 ) -> ExperimentResult:
     """Plan, train (skipping finished runs, resuming unfinished ones), evaluate and report.
 
@@ -116,6 +117,8 @@ def run_experiment(
         threads: torch CPU threads per run (None = the spec's `threads`, 0 = cores / workers).
         command: the command line, recorded in the summary.
         on_done: called with each run's outcome as it finishes.
+        results_dir: folder of committed per-run results (None = the spec's `results`, if
+            any): finished runs found there are imported, new ones exported (see runner.py).
     """
     from .report import write_report
 
@@ -128,7 +131,8 @@ def run_experiment(
     runs = plan_runs(spec, only)
     prepare_data(spec)
     (out / "spec.yaml").write_text(_spec_yaml(spec))
-    outcomes = execute_runs(runs, out, spec.eval, workers, threads, on_done)
+    results_dir = results_dir if results_dir is not None else spec.results
+    outcomes = execute_runs(runs, out, spec.eval, workers, threads, on_done, results_dir)
     all_runs = plan_runs(spec) if only else runs
     results = write_report(spec, all_runs, out, command)
     return ExperimentResult(out, all_runs, outcomes, results)

@@ -12,6 +12,13 @@ when done, `arm_results.json` from `rmoe.experiments.evaluate`. A run is
 
 Training is `python -m rmoe.cli.main train arm.yaml --out DIR [--resume] --no-progress`;
 evaluation is `python -m rmoe.experiments.evaluate DIR`. Up to `workers` runs proceed at once.
+
+Committed results. With a results folder (the spec's `results:` or `--results`), every run that
+reaches `done` copies its small files (`RESULT_FILES`: arm config, summary, evaluation results,
+metrics log, status; never checkpoints) to `RESULTS/{run_id}/`. A later invocation, on any
+machine, that finds `RESULTS/{run_id}/` with results and an `arm.yaml` whose config equals the
+run's (threads aside) copies them back into the run directory, marks the run imported and
+skips it; a run whose config changed is trained again (and logged).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from .spec import EvalSpec
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "train_status.json"
+RESULT_FILES = ("arm.yaml", "arm.json", RESULTS_FILE, "metrics.jsonl", STATUS_FILE)
+"""The small per-run files exported to a results folder (no checkpoints, no logs of stdout)."""
 
 
 @dataclass
@@ -45,8 +54,8 @@ class RunOutcome:
 
     Attributes:
         run_id: the run.
-        action: `skipped` (already done), `trained`, `resumed`, `evaluated` (training was done)
-            or `failed`.
+        action: `skipped` (already done), `imported` (done from a results folder), `trained`,
+            `resumed`, `evaluated` (training was done) or `failed`.
         returncode: exit status of the failing subprocess (0 otherwise).
         seconds: wall-clock seconds spent on the run in this invocation.
         message: the last lines of the log for a failure.
@@ -73,8 +82,10 @@ def run_state(run: ArmRun, run_dir: Path) -> str:
             status = json.loads((run_dir / STATUS_FILE).read_text())
         except json.JSONDecodeError:
             status = {}
-    trained = step >= run.max_steps or (
-        status.get("status") == "time_limit" and int(status.get("step", -1)) == step and step > 0
+    trained = (
+        step >= run.max_steps
+        or (status.get("status") == "time_limit" and int(status.get("step", -1)) == step > 0)
+        or bool(status.get("imported"))
     )
     if trained:
         return "done" if (run_dir / RESULTS_FILE).is_file() else "evaluate"
@@ -91,6 +102,48 @@ def write_arm_config(run: ArmRun, run_dir: Path, threads: int = 0) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     (run_dir / "arm.json").write_text(json.dumps(run.summary(), indent=1))
     return path
+
+
+def _comparable(cfg: dict) -> dict:
+    """A run config without the settings that may differ between machines (threads)."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg.get("train", {}).pop("threads", None)
+    return cfg
+
+
+def export_results(run_dir: Path, results_dir: Path) -> Path:
+    """Copy a finished run's `RESULT_FILES` (those present) to `results_dir/{run}/`."""
+    import shutil
+
+    dest = Path(results_dir) / run_dir.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, dest / name)
+    return dest
+
+
+def import_results(run: ArmRun, run_dir: Path, results_dir: Path) -> bool:
+    """Bring a run's committed results into `run_dir` when `results_dir/{run_id}/` has them for
+    the same config; True when the run is done by import."""
+    import shutil
+
+    src = Path(results_dir) / run.run_id
+    if not (src / RESULTS_FILE).is_file() or not (src / "arm.yaml").is_file():
+        return False
+    saved = yaml.safe_load((src / "arm.yaml").read_text()) or {}
+    if _comparable(saved) != _comparable(run.config.to_dict()):
+        log.warning(
+            "%s: committed results in %s are for another config; retraining", run.run_id, src
+        )
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, run_dir / name)
+    status = {"status": "completed", "step": run.max_steps, "imported": str(src)}
+    (run_dir / STATUS_FILE).write_text(json.dumps(status))
+    return True
 
 
 def _tail(path: Path, n: int = 6) -> str:
@@ -148,15 +201,37 @@ def execute_run(
     threads: int = 0,
     children: _Children | None = None,
     python: str | None = None,
+    results_dir: str | Path | None = None,
 ) -> RunOutcome:
-    """Bring one run to `done`: train (new or resumed) and evaluate as needed."""
+    """Bring one run to `done`: import committed results, or train (new or resumed) and
+    evaluate as needed; a run that ends `done` is exported to `results_dir` (if given)."""
     t0 = time.perf_counter()
-    children = children or _Children()
-    python = python or sys.executable
     run_dir = run_dir_of(out_dir, run)
     state = run_state(run, run_dir)
     if state == "done":
         return RunOutcome(run.run_id, "skipped")
+    if results_dir is not None and state == "new" and import_results(run, run_dir, results_dir):
+        return RunOutcome(run.run_id, "imported")
+    outcome = _train_and_evaluate(run, run_dir, state, ev, threads, children, python)
+    if results_dir is not None and outcome.action != "failed":
+        export_results(run_dir, Path(results_dir))
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def _train_and_evaluate(
+    run: ArmRun,
+    run_dir: Path,
+    state: str,
+    ev: EvalSpec,
+    threads: int,
+    children: _Children | None,
+    python: str | None,
+) -> RunOutcome:
+    """Train (state new/resume) and evaluate one run in `run_dir`."""
+    t0 = time.perf_counter()
+    children = children or _Children()
+    python = python or sys.executable
     cfg_path = write_arm_config(run, run_dir, threads)
     log_path = run_dir / "train.log"
     env = dict(os.environ)
@@ -194,8 +269,10 @@ def execute_runs(
     workers: int = 1,
     threads: int = 0,
     on_done: Callable[[RunOutcome], None] | None = None,
+    results_dir: str | Path | None = None,
 ) -> list[RunOutcome]:
     """Run every run to `done`, up to `workers` at once; returns outcomes in `runs` order.
+    With `results_dir`, committed results are imported and finished runs exported there.
 
     On KeyboardInterrupt every live training subprocess gets SIGINT (it saves a checkpoint), and
     the interrupt is re-raised; a rerun resumes from those checkpoints.
@@ -208,7 +285,10 @@ def execute_runs(
     order = sorted(runs, key=lambda r: -r.train_flops)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        futures = {pool.submit(execute_run, r, out_dir, ev, threads, children): r for r in order}
+        futures = {
+            pool.submit(execute_run, r, out_dir, ev, threads, children, None, results_dir): r
+            for r in order
+        }
         for fut in as_completed(futures):
             outcome = fut.result()
             results[outcome.run_id] = outcome

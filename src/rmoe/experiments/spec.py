@@ -520,6 +520,7 @@ def quick_spec(spec: ExperimentSpec, steps: int = 6) -> ExperimentSpec:
     (e.g. a GPU spec on a laptop) before the real run."""
     q = copy.deepcopy(spec)
     q.name = f"{spec.name}-quick"
+    q.results = None  # a smoke test never writes into the committed results
     q.seeds = spec.seeds[:2]
     for a in q.arms:
         if a.seeds is not None:
