@@ -225,13 +225,19 @@ def test_training_log_stats_hand_values():
     # a balanced layer, dropless: loads [2, 2, 2, 2]
     balanced = _result(flat, [[0, 1], [2, 3], [0, 1], [2, 3]])
     st = R.training_log_stats([chosen, balanced])
-    assert set(st) == {"load_cv", "max_violation", "entropy", "aux", "dropped"}  # no bias
+    assert set(st) == {"load_cv", "max_violation", "entropy", "aux", "dropped", "logit_std"}
     assert st["load_cv"] == pytest.approx([1.0, 0.0])  # counts [4,4,0,0]: std 2 / mean 2
     assert st["max_violation"] == pytest.approx([1.0, 0.0])  # max 4 / mean 2 - 1
     assert st["entropy"] == pytest.approx([1.0, 1.0])
     # Switch loss E * sum f_e P_e: f = (0.5, 0.5, 0, 0), P = 0.25 each -> 4 * 0.25 = 1
     assert st["aux"] == pytest.approx([1.0, 1.0])
     assert st["dropped"] == pytest.approx([5 / 8, 0.0])
+    assert st["logit_std"] == pytest.approx([0.0, 0.0], abs=1e-6)  # flat logits
+    sharp = _result([[0.7, 0.1, 0.1, 0.1]] * 4, [[0, 1]] * 4)
+    spread = torch.tensor([0.7, 0.1, 0.1, 0.1]).log()
+    assert R.training_log_stats([sharp])["logit_std"] == pytest.approx(
+        [spread.std(unbiased=False).item()], rel=1e-5
+    )
     biased = R.training_log_stats([chosen, balanced], [torch.tensor([0.5, 0.25, -0.25, 0.0]), None])
     assert biased["bias_range"] == pytest.approx([0.75, 0.0])
     with pytest.raises(ValueError, match="one per layer"):

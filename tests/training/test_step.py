@@ -76,7 +76,14 @@ def test_log_routing_records_per_layer_stats():
     model = _model()
     rec = accumulate_gradients(model, model.config, iter(_batches(1)), 1, log_routing=True)
     # dropless, no expert bias: "dropped" is 0 and there is no "bias_range"
-    assert set(rec.routing) == {"load_cv", "max_violation", "entropy", "aux", "dropped"}
+    assert set(rec.routing) == {
+        "load_cv",
+        "max_violation",
+        "entropy",
+        "aux",
+        "dropped",
+        "logit_std",
+    }
     assert all(len(v) == 2 for v in rec.routing.values())
     assert rec.routing["dropped"] == [0.0, 0.0]
     assert all(0 < e <= 1 for e in rec.routing["entropy"])

@@ -179,7 +179,8 @@ def training_log_stats(
         H / ln E of ``probs``), ``aux`` (the Switch balance loss E * sum_e f_e P_e of this
         micro-batch: a diagnostic comparable across balance-loss types; the loss that was
         trained is the step's ``aux_loss``), ``dropped`` (share of the N*K assignments dropped
-        by the capacity; 0.0 when dropless). The loads count the router's choices, kept or
+        by the capacity; 0.0 when dropless), ``logit_std`` (std of the router logits over
+        tokens and experts: how sharp the router is). The loads count the router's choices, kept or
         dropped. ``bias_range`` (max - min of the layer's expert bias; 0.0 for a layer
         without one) is present only when some layer has an expert bias, so its absence
         means "no expert bias" rather than a perfectly flat one.
@@ -192,7 +193,7 @@ def training_log_stats(
     from rmoe.modeling.losses import load_balancing_loss
     from rmoe.modeling.losses import normalized_entropy as torch_normalized_entropy
 
-    keys = ("load_cv", "max_violation", "entropy", "aux", "dropped")
+    keys = ("load_cv", "max_violation", "entropy", "aux", "dropped", "logit_std")
     out: dict[str, list[float]] = {k: [] for k in keys}
     for r in routing:
         p, idx = r.probs.detach().float(), r.topk_idx
@@ -203,6 +204,7 @@ def training_log_stats(
         out["entropy"].append(torch_normalized_entropy(p).mean().item())
         out["aux"].append(load_balancing_loss(p, idx).item())
         out["dropped"].append(r.dropped_share)
+        out["logit_std"].append(r.logits.detach().float().std(unbiased=False).item())
     biases = list(expert_biases) if expert_biases is not None else []
     if any(b is not None for b in biases):
         if len(biases) != len(out["aux"]):
