@@ -10,7 +10,14 @@ from rmoe.experiments.spec import ROUTER_VARIANTS, spec_names
 from rmoe.modeling import RMoEForCausalLM
 from rmoe.modeling.accounting import count_config
 
-SHIPPED = ["baselines-2026", "cpu-mechanism", "gpu-10min", "paper-depth", "paper-enwik8-medium"]
+SHIPPED = [
+    "baselines-2026",
+    "cpu-mechanism",
+    "cpu-study-a",
+    "gpu-10min",
+    "paper-depth",
+    "paper-enwik8-medium",
+]
 
 
 def test_shipped_specs_load_and_plan():

@@ -281,8 +281,8 @@ def execute_runs(
         raise ValueError(f"workers must be >= 1, got {workers}")
     children = _Children()
     results: dict[str, RunOutcome] = {}
-    # longest runs first, so the pool drains evenly
-    order = sorted(runs, key=lambda r: -r.train_flops)
+    # seed by seed (each seed's comparisons complete early), longest runs first within a seed
+    order = sorted(runs, key=lambda r: (r.seed, -r.train_flops))
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         futures = {
