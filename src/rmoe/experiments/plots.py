@@ -149,6 +149,53 @@ def plot_routing(out_dir: Path, table: list[dict[str, Any]], spec: ExperimentSpe
     return path
 
 
+ROUTER_CURVES = (
+    ("layer_logit_std", "router-logit std"),
+    ("layer_entropy", "normalised router entropy H / ln E"),
+)
+"""Per-layer training-log keys drawn by `plot_router_curves`, with their axis labels."""
+
+
+def plot_router_curves(out_dir: Path, rows: list[dict[str, Any]], spec: ExperimentSpec) -> Path:
+    """How sharp each run's router is over training: for each key of `ROUTER_CURVES`, the
+    mean over MoE layers (left) and the first and last MoE layer (right) vs training step, from
+    the per-layer stats the trainer logs. Colour = arm, line style = seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a.name for a in spec.arms]
+    colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(len(ROUTER_CURVES), 2, figsize=(13, 4 * len(ROUTER_CURVES)))
+    for row in rows:
+        logs = [r for r in read_metrics(run_dir_of(out_dir, _Run(row)))["train"]]
+        for (key, label), (ax_mean, ax_ends) in zip(ROUTER_CURVES, axes):
+            pts = [(r["step"], r[key]) for r in logs if r.get(key)]
+            if not pts:
+                continue
+            steps = np.array([p[0] for p in pts], dtype=float)
+            per_layer = np.array([p[1] for p in pts], dtype=float)
+            seeds = sorted({r["seed"] for r in rows if r["arm"] == row["arm"]})
+            kw = dict(color=colours[row["arm"]], ls=styles[seeds.index(row["seed"]) % 4], lw=1.1)
+            ax_mean.plot(steps, per_layer.mean(1), label=f"{row['label']} s{row['seed']}", **kw)
+            ax_ends.plot(steps, per_layer[:, 0], alpha=0.5, **kw)
+            ax_ends.plot(steps, per_layer[:, -1], **kw)
+            ax_mean.set(xlabel="step", ylabel=f"{label}, mean over layers")
+            ax_ends.set(xlabel="step", ylabel=f"{label}: first (faint) and last layer")
+    for ax in np.ravel(axes):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{spec.name}: router sharpness during training")
+    fig.tight_layout()
+    path = out_dir / "router_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 class _Run:
     """Adapter so `run_dir_of` accepts a results row."""
 
