@@ -4,9 +4,13 @@ Tables: the arms' settings (router variant, the keys it sets, the arm's `set:` o
 row per (arm, depth) with bits per byte on each evaluation split as mean ± std over seeds,
 parameters, FLOPs/token, training tokens/s and the routing statistics (inner balance IB, outer
 balance OB, mean router entropy, binned cross-layer MI, expert-load MaxVio, and the dropped share
-when an arm evaluates with a capacity). Paired differences: each arm minus the reference arm on
-the same evaluation batches, per seed and averaged over seeds, with a bootstrap interval over
-evaluation batches (`rmoe.experiments.stats`). The plots are drawn by `rmoe.experiments.plots`.
+when an arm evaluates with a capacity). Paired differences: each arm minus the reference family
+at the same sweep setting on the same evaluation batches, per seed and averaged over seeds, with
+a bootstrap interval over evaluation batches and the seed-level t interval and TOST verdict
+(`rmoe.experiments.stats`). With a sweep, a Tuning table shows each family's setting chosen on
+`compare.select_on`; the Comparisons table gives each family at its chosen setting against the
+reference at its own on `compare.report_on`, with the verdict at the stated margin
+(`rmoe.experiments.compare`). The plots are drawn by `rmoe.experiments.plots`.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from typing import Any
 import numpy as np
 
 from ..formatting import fmt_number
+from .compare import choose_settings, compare_families, comparison_table, tuning_table
 from .evaluate import RESULTS_FILE
 from .plan import ArmRun, format_settings
 from .plots import plot_bpb_vs_depth, plot_loss_curves, plot_routing
 from .runner import STATUS_FILE, run_dir_of
 from .spec import ExperimentSpec
-from .stats import mean_std, paired_bootstrap
+from .stats import mean_std, paired_bootstrap, tost_verdict
 
 ROUTING_KEYS = (
     "inner_balance",
@@ -96,6 +101,10 @@ def _pm(m: float, s: float, n: int, digits: int = 4) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
+def _missing(v: float | None) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _si(v: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= scale:
@@ -104,7 +113,11 @@ def _si(v: float) -> str:
 
 
 def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-(arm, depth) table rows and paired differences against the reference arm."""
+    """Per-(arm, depth) table rows, paired differences against the reference family (at the
+    same sweep setting), the tuning choices and the seed-level comparisons (`compare`).
+
+    Returns {"arms", "paired", "tuning", "comparisons"}.
+    """
     splits = list(spec.eval.splits)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -114,6 +127,8 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
         done = [m for m in members if m["results"]]
         entry: dict[str, Any] = {
             "arm": arm,
+            "family": members[0].get("family") or arm,
+            "setting": members[0].get("setting") or "",
             "label": members[0]["label"],
             "router": members[0]["router"],
             "settings": members[0].get("settings", {}),
@@ -145,58 +160,84 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(vals)
         arms.append(entry)
 
-    paired = []
-    if spec.reference:
-        ref_rows = {(r["depth"], r["seed"]): r for r in rows if r["arm"] == spec.reference}
-        for (arm, depth), members in groups.items():
-            if arm == spec.reference:
-                continue
-            pairs = [
-                (m, ref_rows[(depth, m["seed"])])
-                for m in members
-                if m["results"]
-                and (depth, m["seed"]) in ref_rows
-                and ref_rows[(depth, m["seed"])]["results"]
-            ]
-            if not pairs:
-                continue
-            for split in splits:
-                per_seed = []
-                for m, ref in pairs:
-                    a, b = m["results"]["splits"][split], ref["results"]["splits"][split]
-                    pd = paired_bootstrap(
-                        a["batch_loss_sum"],
-                        b["batch_loss_sum"],
-                        a["batch_tokens"],
-                        a["tokens_per_byte"],
-                        spec.eval.bootstrap,
-                        seed=m["seed"],
-                    )
-                    per_seed.append({"seed": m["seed"], **pd.to_dict()})
-                a0 = pairs[0][0]["results"]["splits"][split]
-                pooled = paired_bootstrap(
-                    [m["results"]["splits"][split]["batch_loss_sum"] for m, _ in pairs],
-                    [ref["results"]["splits"][split]["batch_loss_sum"] for _, ref in pairs],
-                    a0["batch_tokens"],
-                    a0["tokens_per_byte"],
-                    spec.eval.bootstrap,
-                )
-                paired.append(
-                    {
-                        "arm": arm,
-                        "label": members[0]["label"],
-                        "depth": depth,
-                        "split": split,
-                        "reference": spec.reference,
-                        "per_seed": per_seed,
-                        "mean_over_seeds": pooled.to_dict(),
-                        "seed_std": mean_std([p["diff"] for p in per_seed])[1],
-                    }
-                )
+    paired = _paired(spec, groups, rows)
     order = {a.name: i for i, a in enumerate(spec.arms)}
     arms.sort(key=lambda e: (e["depth"], order.get(e["arm"], 99)))
     paired.sort(key=lambda e: (e["depth"], order.get(e["arm"], 99), splits.index(e["split"])))
-    return {"arms": arms, "paired": paired}
+    tuning = choose_settings(spec, rows)
+    return {
+        "arms": arms,
+        "paired": paired,
+        "tuning": tuning,
+        "comparisons": compare_families(spec, rows, tuning),
+    }
+
+
+def _paired(
+    spec: ExperimentSpec,
+    groups: dict[tuple[str, int], list[dict[str, Any]]],
+    rows: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Each (arm, depth, split) minus the reference family's arm at the same sweep setting:
+    per-seed and pooled batch bootstraps, the seed std and the seed-level TOST verdict."""
+    paired: list[dict[str, Any]] = []
+    if not spec.reference:
+        return paired
+    ref_rows = {
+        (r.get("setting") or "", r["depth"], r["seed"]): r
+        for r in rows
+        if (r.get("family") or r["arm"]) == spec.reference and r["results"]
+    }
+    for (arm, depth), members in groups.items():
+        if (members[0].get("family") or arm) == spec.reference:
+            continue
+        setting = members[0].get("setting") or ""
+        pairs = [
+            (m, ref_rows[(setting, depth, m["seed"])])
+            for m in members
+            if m["results"] and (setting, depth, m["seed"]) in ref_rows
+        ]
+        for split in spec.eval.splits if pairs else []:
+            a = [m["results"]["splits"][split] for m, _ in pairs]
+            b = [ref["results"]["splits"][split] for _, ref in pairs]
+            per_seed = [
+                {
+                    "seed": m["seed"],
+                    **paired_bootstrap(
+                        x["batch_loss_sum"],
+                        y["batch_loss_sum"],
+                        x["batch_tokens"],
+                        x["tokens_per_byte"],
+                        spec.eval.bootstrap,
+                        seed=m["seed"],
+                    ).to_dict(),
+                }
+                for (m, _), x, y in zip(pairs, a, b, strict=True)
+            ]
+            pooled = paired_bootstrap(
+                [x["batch_loss_sum"] for x in a],
+                [y["batch_loss_sum"] for y in b],
+                a[0]["batch_tokens"],
+                a[0]["tokens_per_byte"],
+                spec.eval.bootstrap,
+            )
+            diffs = [q["diff"] for q in per_seed]
+            verdict = tost_verdict(diffs, spec.compare.margin, spec.compare.alpha)
+            paired.append(
+                {
+                    "arm": arm,
+                    "label": members[0]["label"],
+                    "depth": depth,
+                    "split": split,
+                    "reference": spec.reference,
+                    "reference_arm": pairs[0][1]["arm"],
+                    "per_seed": per_seed,
+                    "mean_over_seeds": pooled.to_dict(),
+                    "seed_std": mean_std(diffs)[1],
+                    "seed_level": verdict.to_dict(),
+                }
+            )
+    return paired
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +255,10 @@ def summary_markdown(
     lines = _header_lines(spec, rows, machine, command)
     lines += _settings_table(spec, rows)
     lines += _arms_table(spec, agg)
+    if spec.sweep and agg.get("tuning"):
+        lines += tuning_table(spec, agg["tuning"])
+    if agg.get("comparisons"):
+        lines += comparison_table(spec, agg["comparisons"])
     if agg["paired"]:
         lines += _paired_table(spec, agg)
     lines += _budget_table(rows)
@@ -331,11 +376,17 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
 
 
 def _paired_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
+    c = spec.compare
+    lvl = f"{100 * (1 - c.alpha):g}%"
+    ref = f"`{spec.reference}`" + (" at the same setting" if spec.sweep else "")
     lines = [
         f"## Paired differences to `{spec.reference}` (bits per byte; negative = better)",
         "",
-        "| arm | L | split | per seed: diff [95% CI] | mean over seeds [95% CI] | seed std | CI excludes 0 |",
-        "|---|---|---|---|---|---|---|",
+        f"Every arm against {ref}, on every split.",
+        "",
+        "| arm | L | split | per seed: diff [95% CI] | mean over seeds [95% CI] | seed std "
+        f"| CI excludes 0 | seeds: {lvl} t-interval | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in agg["paired"]:
         ps = "; ".join(
@@ -344,15 +395,20 @@ def _paired_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
         )
         m = p["mean_over_seeds"]
         excl = "yes" if (m["lo"] > 0 or m["hi"] < 0) else "no"
+        v = p["seed_level"]
+        t_int = "–" if _missing(v["lo"]) else f"[{v['lo']:+.4f}, {v['hi']:+.4f}]"
         lines.append(
             f"| {p['label']} | {p['depth']} | {p['split']} | {ps} | "
-            f"{m['diff']:+.4f} [{m['lo']:+.4f}, {m['hi']:+.4f}] | {_fmt(p['seed_std'])} | {excl} |"
+            f"{m['diff']:+.4f} [{m['lo']:+.4f}, {m['hi']:+.4f}] | {_fmt(p['seed_std'])} | {excl} "
+            f"| {t_int} | {v['verdict']} |"
         )
     lines += [
         "",
         "Intervals are percentile bootstraps over evaluation batches (the same batches for "
         "both arms); they reflect evaluation noise, not training-seed noise — compare the "
-        "difference with the seed std and with the reference arm's own spread.",
+        "difference with the seed std and with the reference arm's own spread. The seed-level "
+        f"t-interval ({lvl}, n − 1 df over the per-seed differences) and the verdict (margin "
+        f"±{c.margin:g} bits/byte, α = {c.alpha:g}) are defined under Comparisons.",
         "",
     ]
     return lines
