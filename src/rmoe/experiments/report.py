@@ -29,7 +29,7 @@ from ..formatting import fmt_number
 from .compare import choose_settings, compare_families, comparison_table, tuning_table
 from .evaluate import RESULTS_FILE
 from .plan import ArmRun, format_settings
-from .plots import plot_bpb_vs_depth, plot_loss_curves, plot_routing
+from .plots import plot_bpb_vs_depth, plot_loss_curves, plot_router_curves, plot_routing
 from .runner import STATUS_FILE, run_dir_of
 from .spec import ExperimentSpec
 from .stats import mean_std, paired_bootstrap, tost_verdict
@@ -443,6 +443,7 @@ def write_report(
     plots = []
     if any(r["results"] for r in rows):
         plots.append(plot_loss_curves(out, rows, spec).name)
+        plots.append(plot_router_curves(out, rows, spec).name)
         if agg["arms"] and any(
             not math.isnan(e[f"{spec.eval.splits[-1]}_bpb_mean"]) for e in agg["arms"]
         ):

@@ -196,7 +196,7 @@ class ExperimentSpec:
         overrides: nested `{section: {key: value}}` applied to the base.
         seeds: default seeds of every arm.
         depths: default depths (None = the base config's num_hidden_layers).
-        reference: arm name that paired differences are taken against.
+        reference: arm (family) name that paired differences are taken against.
         flops_reference: arm name whose training FLOPs `match: flops` arms receive.
         time_limit_s: wall-clock cap per arm in seconds (0 = none).
         eval: the post-training evaluation.
@@ -475,6 +475,11 @@ def validate_spec(spec: ExperimentSpec) -> None:
         raise ValueError(f"compare: margin must be > 0 and alpha in (0, 0.5), got {c}")
     if c.select_on not in splits or c.report_on not in splits:
         raise ValueError(f"compare: select_on and report_on must be train/valid/test, got {c}")
+    if spec.sweep and c.select_on == c.report_on:
+        raise ValueError(
+            f"compare: a sweep's setting must be chosen on another split than the one it is "
+            f"reported on (select_on = report_on = {c.select_on!r}); use select_on: valid"
+        )
     e = spec.eval
     if e.batches < 1 or e.batch_size < 1 or e.bootstrap < 0 or e.routing_tokens < 0:
         raise ValueError(
