@@ -14,6 +14,7 @@ SHIPPED = [
     "baselines-2026",
     "cpu-mechanism",
     "cpu-study-a",
+    "cpu-study-b",
     "gpu-10min",
     "paper-depth",
     "paper-enwik8-medium",
