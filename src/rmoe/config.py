@@ -65,7 +65,8 @@ class RMoEConfig(PretrainedConfig):
         initializer_range (float, 0.02): std of the normal init of linear, embedding and expert
             weights. Output projections (attention `o_proj`, expert and dense `down_proj`) use
             initializer_range / sqrt(2 * num_hidden_layers) (GPT-2 style residual scaling).
-            Router projections and scorers use initializer_range; the shared recurrent cell uses
+            Router linear layers follow `router_init` (default: PyTorch's uniform); the shared
+            recurrent cell uses
             PyTorch's default U(-1/sqrt(P), 1/sqrt(P)) (the paper's "standard init"); cosine/xmoe
             temperatures start at `router_temperature_init`; RMSNorm weights start at 1.
 
@@ -122,10 +123,14 @@ class RMoEConfig(PretrainedConfig):
             and GW-MoE read the scores normalised to sum to one.
         router_scale (float, 1.0): routed scaling factor multiplying the combine weights
             (DeepSeek-V3 uses 2.5 with 256 experts, top-8).
-        router_init (str, "normal"): init of the router's linear layers (projections, linear
-            and MLP scorers, the shared router weight, the XMoE down-projection): "normal"
-            (N(0, router_init_std), zero biases) or "uniform" (PyTorch's nn.Linear default,
-            U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias).
+        router_init (str, "uniform"): init of the router's linear layers (projections, linear
+            and MLP scorers, the shared router weight, the XMoE down-projection): "uniform"
+            (PyTorch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and
+            bias; what the RMoE paper's enwik8 code uses) or "normal" (N(0, router_init_std),
+            zero biases: the paper's 0.91B setting and rmoe's default before the cpu-study-a
+            measurement). Default "uniform" because in cpu-study-a (experiments/RESULTS.md) it
+            was the setting chosen on valid for both SMoE and RMoE: the N(0, 0.02) chain makes
+            the recurrent router's initial logits about 16x flatter than a linear router's.
         router_init_std (float | None, None): std of the "normal" router init (None =
             initializer_range).
         router_bias (bool, False): biases on router projections and linear scorers.
@@ -224,7 +229,7 @@ class RMoEConfig(PretrainedConfig):
         router_detach_residual: bool = False,
         router_score_func: str = "softmax",
         router_scale: float = 1.0,
-        router_init: str = "normal",
+        router_init: str = "uniform",
         router_init_std: float | None = None,
         router_aux_loss_coef: float = 0.01,
         router_aux_loss_type: str = "switch",

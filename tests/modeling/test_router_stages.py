@@ -365,17 +365,18 @@ def _router_linears(model):
 @pytest.mark.parametrize("router_type", ["linear", "mlp", "xmoe", "shared", "recurrent"])
 def test_router_init_reaches_every_router_linear(router_type):
     base = dict(router_type=router_type, hidden_size=64, router_dim=32, router_bias=True)
-    default = RMoEForCausalLM(tiny_config(**base))
+    default = RMoEForCausalLM(tiny_config(router_init="normal", **base))  # paper-faithful
     default.init_weights_seeded(0)
     assert _router_linears(default)
     for lin in _router_linears(default):
         assert lin.weight.std().item() == pytest.approx(0.02, rel=0.35)
         assert lin.bias is None or torch.count_nonzero(lin.bias) == 0
-    wide = RMoEForCausalLM(tiny_config(router_init_std=0.2, **base))
+    wide = RMoEForCausalLM(tiny_config(router_init="normal", router_init_std=0.2, **base))
     wide.init_weights_seeded(0)
     for lin in _router_linears(wide):
         assert lin.weight.std().item() == pytest.approx(0.2, rel=0.35)
-    uni = RMoEForCausalLM(tiny_config(router_init="uniform", **base))
+    uni = RMoEForCausalLM(tiny_config(**base))  # the default
+    assert uni.config.router_init == "uniform"
     uni.init_weights_seeded(0)
     for lin in _router_linears(uni):
         bound = 1 / math.sqrt(lin.in_features)

@@ -1,9 +1,9 @@
 """`RouterLinear`: the linear layer of every router, initialised by the config's `router_init`.
 
-`router_init` = "normal" draws the weight from N(0, std) with std = `router_init_std` (None =
-the model's `initializer_range`, the default: exactly what a plain nn.Linear gets) and zero
-biases; "uniform" is PyTorch's own nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
-weight and bias. The model's weight init calls `init_parameters` on each one.
+`router_init` = "uniform" (the default) is PyTorch's own nn.Linear default,
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias; "normal" draws the weight from
+N(0, std) with std = `router_init_std` (None = the model's `initializer_range`: what every other
+linear layer gets) and zero biases. The model's weight init calls `init_parameters` on each one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class RouterLinear(nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = False,
-        init: str = "normal",
+        init: str = "uniform",
         std: float | None = None,
     ) -> None:
         check_choice("router_init", init, ROUTER_INITS)
