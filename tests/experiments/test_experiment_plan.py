@@ -15,6 +15,7 @@ SHIPPED = [
     "cpu-mechanism",
     "cpu-study-a",
     "cpu-study-b",
+    "cpu-study-c",
     "gpu-10min",
     "paper-depth",
     "paper-enwik8-medium",
