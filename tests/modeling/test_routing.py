@@ -103,10 +103,11 @@ def _whole_model_grad(pass_state: bool, detach: bool) -> float:
 def test_recurrent_gradient_through_whole_model_top1():
     # With top-1 renormalised routing every gate weight is exactly 1, so the residual stream
     # carries no gradient from the last router back to the first router's projection: only
-    # the passed state can.
-    assert _whole_model_grad(True, False) > 1e-6
-    assert _whole_model_grad(False, False) < 1e-12
-    assert _whole_model_grad(True, True) < 1e-12
+    # the passed state can. (The gate's w / sum(w) has a zero derivative only up to float64
+    # rounding, ~1e-10 here: nine orders of magnitude below the passed state's gradient.)
+    assert _whole_model_grad(True, False) > 1e-2
+    assert _whole_model_grad(False, False) < 1e-8
+    assert _whole_model_grad(True, True) < 1e-8
 
 
 def test_random_router_is_frozen():
