@@ -64,3 +64,19 @@ def test_results_for_another_config_are_not_imported(spec_dict, tmp_path):
 def test_quick_spec_never_writes_committed_results(spec_dict, tmp_path):
     spec = _spec(spec_dict, tmp_path / "results")
     assert spec.results and quick_spec(spec).results is None
+
+
+def test_a_changed_config_sets_the_old_run_aside(spec_dict, tmp_path):
+    from rmoe.experiments.runner import set_aside_if_changed, write_arm_config
+
+    spec = _spec(spec_dict, tmp_path / "results")
+    run = plan_runs(spec)[0]
+    d = run_dir_of(tmp_path / "exp", run)
+    assert set_aside_if_changed(run, d) is None  # nothing there yet
+    write_arm_config(run, d, threads=3)
+    (d / RESULTS_FILE).write_text("{}")
+    assert set_aside_if_changed(run, d) is None  # same config (threads aside)
+    changed = plan_runs(_spec(spec_dict, tmp_path / "results", max_steps=5))[0]
+    stale = set_aside_if_changed(changed, d)
+    assert stale is not None and stale.name == f"{run.run_id}.stale-1"
+    assert (stale / RESULTS_FILE).is_file() and not d.exists()

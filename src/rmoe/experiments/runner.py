@@ -18,7 +18,9 @@ reaches `done` copies its small files (`RESULT_FILES`: arm config, summary, eval
 metrics log, status; never checkpoints) to `RESULTS/{run_id}/`. A later invocation, on any
 machine, that finds `RESULTS/{run_id}/` with results and an `arm.yaml` whose config equals the
 run's (threads aside) copies them back into the run directory, marks the run imported and
-skips it; a run whose config changed is trained again (and logged).
+skips it; a run whose config changed is trained again (and logged). The same holds in the
+experiment folder itself: a run directory whose `arm.yaml` differs from the run's config is set
+aside as `{run_id}.stale-N` and the run starts afresh.
 """
 
 from __future__ import annotations
@@ -146,6 +148,25 @@ def import_results(run: ArmRun, run_dir: Path, results_dir: Path) -> bool:
     return True
 
 
+def set_aside_if_changed(run: ArmRun, run_dir: Path) -> Path | None:
+    """When `run_dir` holds a run of another config (its `arm.yaml` differs from the run's,
+    threads aside), rename it to `{run_id}.stale-N` so the run starts afresh; returns the new
+    name, or None when nothing was set aside (no run yet, or the same config)."""
+    saved_path = run_dir / "arm.yaml"
+    if not saved_path.is_file():
+        return None
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    if _comparable(saved) == _comparable(run.config.to_dict()):
+        return None
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
+        n += 1
+    stale = run_dir.with_name(f"{run_dir.name}.stale-{n}")
+    run_dir.rename(stale)
+    log.warning("%s: the spec changed this run's config; old run kept as %s", run.run_id, stale)
+    return stale
+
+
 def _tail(path: Path, n: int = 6) -> str:
     try:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -207,6 +228,7 @@ def execute_run(
     evaluate as needed; a run that ends `done` is exported to `results_dir` (if given)."""
     t0 = time.perf_counter()
     run_dir = run_dir_of(out_dir, run)
+    set_aside_if_changed(run, run_dir)
     state = run_state(run, run_dir)
     if state == "done":
         return RunOutcome(run.run_id, "skipped")
