@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "continual": "rmoe.cli.continual",
     "experiment": "rmoe.cli.experiment",
     "bench": "rmoe.cli.bench",
+    "export": "rmoe.cli.export",
 }
 
 
