@@ -84,15 +84,16 @@ ROUND_TRIPS = {
     "mixtral-shared-router": ("mixtral", dict(router_type="shared")),
     "qwen2_moe": ("qwen2_moe", {}),
     "qwen2_moe-shared-dense": ("qwen2_moe", dict(num_shared_experts=2, mlp_only_layers=[1])),
-    "qwen2_moe-no-norm-topk-dense": (
+    "qwen2_moe-random-router-no-norm-topk-dense": (
         "qwen2_moe",
         dict(
             norm_topk_prob=False,
             mlp_only_layers=[0, 2],
             shared_expert_intermediate_size=8,
             num_shared_experts=1,
+            router_type="random",
         ),
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -161,8 +162,8 @@ REFUSED = {
     "mixtral-dense": ("mixtral", dict(mlp_only_layers=[1]), "mlp_only_layers=\\[1\\]"),
     "mixtral-no-norm": ("mixtral", dict(norm_topk_prob=False), "norm_topk_prob=False"),
     "mixtral-shared": ("mixtral", dict(num_shared_experts=1), "num_shared_experts=1"),
-    "qwen2-head_dim": ("qwen2_moe", dict(head_dim=12), "head_dim=12"),
-    "qwen3-qk-norm": ("qwen3_moe", {}, "no per-head q/k norm"),
+    "qwen2-head_dim": ("qwen2_moe", dict(head_dim=12), "head_dim=12: .* = 32 // 4"),
+    "qwen3-qk-norm": ("qwen3_moe", {}, "qk_norm .*no per-head q/k norm.*--to qwen2_moe"),
     "qwen3-shared": ("qwen3_moe", dict(num_shared_experts=1, qk_norm=True), "num_shared_exp"),
 }
 
@@ -213,7 +214,6 @@ def test_cli_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out) in printed and "MixtralForCausalLM.from_pretrained" in printed
     _assert_same_function(model, _load_hf(out, "MixtralForCausalLM"))
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
     argv = ["export", str(tmp_path / "run"), "--to", "qwen2_moe", "--out", str(out)]
     assert main(argv) == 2
@@ -223,6 +223,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert saved["model_type"] == "qwen2_moe" and saved["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
 def test_cli_refuses_a_recurrent_run_in_one_line(tmp_path, capsys):

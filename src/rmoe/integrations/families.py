@@ -126,8 +126,9 @@ class TensorRule:
 
 @dataclass(frozen=True)
 class Requirement:
-    """An rmoe setting a family needs: `ok(config)` must hold, else export raises
-    ``ValueError(f"{field}={value!r}: {need}")``."""
+    """An rmoe setting a family needs: `ok(config)` must hold, else export raises a
+    ValueError with ``field=value`` and `need` (formatted with ``c`` = the rmoe config, so
+    ``{c.hidden_size}`` shows the model's value)."""
 
     field: str
     ok: Callable[[Any], bool]
@@ -303,7 +304,8 @@ def _router_need(config: Any) -> str:
             "loaded with trust_remote_code, or distilling its routing into linear routers"
         )
     return (
-        f"the {_TARGETS} gate is one linear layer W x per layer followed by a softmax; export "
+        f"the gate of {_TARGETS.replace(' or ', ' and ')} is one linear layer W x per layer "
+        "followed by a softmax; export "
         f"needs router_type linear (or {sorted(k for k in LINEAR_ROUTERS if k != 'linear')}, "
         "also W x); this router would need its own architecture (trust_remote_code)"
     )
@@ -379,7 +381,8 @@ QWEN2_REQUIREMENTS: tuple[Requirement, ...] = (
         lambda c: c.head_dim * c.num_attention_heads == c.hidden_size,
         "Qwen2-MoE derives head_dim = hidden_size // num_attention_heads (transformers 4 and "
         "other runtimes ignore a head_dim field); needs head_dim == hidden_size // "
-        "num_attention_heads (mixtral and qwen3_moe carry head_dim)",
+        "num_attention_heads = {c.hidden_size} // {c.num_attention_heads} (mixtral and "
+        "qwen3_moe carry head_dim)",
     ),
     _NO_QK_NORM,
 )
@@ -405,8 +408,11 @@ def unmet_requirement(family: Family, config: Any) -> str | None:
     for req in (*COMMON_REQUIREMENTS, *family.requirements):
         if not req.ok(config):
             need = _router_need(config) if req.field == "router_type" else req.need
-            value = getattr(config, req.field, None)
-            return f"cannot export to {family.name}: {req.field}={value!r}: {need}"
+            if hasattr(config, req.field):
+                setting = f"{req.field}={getattr(config, req.field)!r}"
+            else:
+                setting = f"{req.field} (not an rmoe config option yet)"
+            return f"cannot export to {family.name}: {setting}: {need.format(c=config)}"
     return None
 
 
