@@ -16,6 +16,8 @@ from rmoe.analysis.adapters.spec import (
     route,
 )
 from rmoe.analysis.adapters.weights import (
+    BIAS_TYPES,
+    GLU,
     MATRIX_TYPES,
     ExpertWeights,
     _read_experts,
@@ -24,16 +26,28 @@ from rmoe.analysis.adapters.weights import (
     expert_forward,
 )
 
+# Names under which the experts interface passes (hidden_states, top_k_index, top_k_weights).
+_DISPATCH_KWARGS = (
+    ("hidden_states", "x"),
+    ("top_k_index", "router_indices", "selected_experts", "topk_indices"),
+    ("top_k_weights", "routing_weights", "router_scores", "topk_weights"),
+)
+
 # --------------------------------------------------------------------------------------------
 # adapters
 # --------------------------------------------------------------------------------------------
 
 
 def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
-    for owner in (getattr(model, "model", None), model):
-        layers = getattr(owner, "layers", None)
+    """The decoder layers: ``model.model.layers``, ``model.layers`` or (DBRX)
+    ``model.transformer.blocks``."""
+    for owner, name in ((getattr(model, "model", None), "layers"), (model, "layers")):
+        layers = getattr(owner, name, None)
         if isinstance(layers, nn.ModuleList):
             return layers
+    blocks = getattr(getattr(model, "transformer", None), "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        return blocks
     raise ValueError(
         f"{type(model).__name__} has no decoder layers at model.model.layers or model.layers; "
         "pass a causal LM such as MixtralForCausalLM or RMoEForCausalLM"
@@ -43,14 +57,23 @@ def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
 class MoEAdapter:
     """Base adapter. Subclasses set :attr:`family` and implement :meth:`_find_layers`,
     :meth:`_spec` and, if their router does not return ``(logits, weights, indices)``,
-    :meth:`parse_router_output`."""
+    :meth:`parse_router_output`; a family whose experts are not SwiGLU overrides
+    :meth:`_glu`, one with its own expert layout :meth:`_read_expert_weights` and
+    :meth:`_write_expert_weights`."""
 
-    family: ClassVar[str] = ""
+    family: str = ""
+    """The family's name: the ``model_type`` it was chosen for when the class serves several."""
     model_types: ClassVar[tuple[str, ...]] = ()
+    experts_transposed: ClassVar[bool | None] = None
+    """Orientation of a fused ``gate_up_proj`` the experts module does not declare
+    (``is_transposed``): True = [E, D, 2F], False = [E, 2F, D], None = from the shapes."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+        model_type = getattr(self.config, "model_type", None)
+        if model_type in self.model_types:
+            self.family = str(model_type)
         self.hidden_size = int(self.config.hidden_size)
         self.layers: list[MoELayer] = self._find_layers()
         if not self.layers:
@@ -60,6 +83,7 @@ class MoEAdapter:
             )
         self.spec: RoutingSpec = self._spec()
         self.act_fn: Callable[[torch.Tensor], torch.Tensor] = self._act_fn()
+        self.glu: GLU = self._glu()
         self._layouts: dict[int, str] = {}
 
     # -- to implement ----------------------------------------------------------------------
@@ -71,6 +95,18 @@ class MoEAdapter:
 
     def _act_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return F.silu
+
+    def _glu(self) -> GLU:
+        """The experts' gated unit: SwiGLU with :attr:`act_fn` unless a family says otherwise."""
+        return GLU(self.act_fn)
+
+    def _read_expert_weights(self, layer: MoELayer) -> ExpertWeights:
+        """Canonical routed-expert matrices of one layer (shared experts are added after)."""
+        return _read_experts(layer.experts, self.hidden_size, self.experts_transposed)
+
+    def _write_expert_weights(self, layer: MoELayer, weights: ExpertWeights, layout: str) -> None:
+        """Inverse of :meth:`_read_expert_weights`."""
+        _write_experts(layer.experts, weights, layout)
 
     # -- public interface ------------------------------------------------------------------
     @property
@@ -92,6 +128,10 @@ class MoEAdapter:
         """[E, R] the rows that score the experts at MoE layer ``i`` (see ``router_space``)."""
         return self._layer(i).router.weight.detach()
 
+    def router_bias(self, i: int) -> torch.Tensor | None:
+        """[E] the bias of the router's linear map (GPT-OSS), else None."""
+        return None
+
     def score_correction_bias(self, i: int) -> torch.Tensor | None:
         """[E] the selection bias of MoE layer ``i`` (DeepSeek-V3), else None."""
         b = getattr(self._layer(i).router, "e_score_correction_bias", None)
@@ -99,8 +139,9 @@ class MoEAdapter:
 
     def router_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """[N, E] float32 router logits of MoE inputs x [N, D] (linear routers)."""
-        w = self.router_weight(i)
-        return F.linear(x.reshape(-1, x.shape[-1]).float(), w.float())
+        w, b = self.router_weight(i), self.router_bias(i)
+        x = x.reshape(-1, x.shape[-1]).float()
+        return F.linear(x, w.float(), None if b is None else b.float().to(w.device))
 
     def route(self, i: int, logits: torch.Tensor) -> RoutingDecision:
         """:func:`route` with this model's spec and layer ``i``'s bias."""
@@ -110,7 +151,7 @@ class MoEAdapter:
         """Canonical expert matrices of MoE layer ``i`` (views of the model's weights: do not
         modify in place; use :meth:`set_expert_weights`)."""
         layer = self._layer(i)
-        w = _read_experts(layer.experts, self.hidden_size)
+        w = self._read_expert_weights(layer)
         w.shared = _read_mlp(layer.shared)
         self._layouts[i] = w.layout
         return w
@@ -122,7 +163,7 @@ class MoEAdapter:
             got, want = getattr(weights, name).shape, getattr(current, name).shape
             if got != want:
                 raise ValueError(f"{name} has shape {tuple(got)}; layer {i} needs {tuple(want)}")
-        _write_experts(self._layer(i).experts, weights, current.layout)
+        self._write_expert_weights(self._layer(i), weights, current.layout)
 
     def expert_outputs(
         self,
@@ -131,11 +172,38 @@ class MoEAdapter:
         with_activations: bool = False,
         weights: ExpertWeights | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every routed expert of MoE layer ``i`` on inputs x [N, D]: outputs [E, N, D] and,
-        if asked, activations [E, N, F] (see :func:`expert_forward`)."""
+        """Every routed expert of MoE layer ``i`` on inputs x [N, D], computed with this
+        family's expert function (:attr:`glu`, biases): outputs [E, N, D] and, if asked, gate
+        activations [E, N, F] (see :func:`expert_forward`).
+
+        ``weights`` replaces the model's matrices; when it carries no biases (a copy of the
+        matrices alone) the model's own biases are used, so the result is still the model's
+        expert function."""
         w = weights if weights is not None else self.expert_weights(i)
+        if weights is not None and not weights.has_bias:
+            own = self._read_expert_weights(self._layer(i))
+            if own.has_bias:
+                w = ExpertWeights(
+                    w.act, w.up, w.down, w.shared, w.layout, *(getattr(own, b) for b in BIAS_TYPES)
+                )
         with torch.no_grad():
-            return expert_forward(x, w, self.act_fn, with_activations=with_activations)
+            return expert_forward(x, w, with_activations=with_activations, glu=self.glu)
+
+    def parse_experts_input(
+        self, i: int, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden_states [N, D], top_k_index [N, K], top_k_weights [N, K]) from a call of
+        MoE layer ``i``'s experts module (the transformers-5 experts interface)."""
+        found = list(args[:3])
+        for names in _DISPATCH_KWARGS[len(found) :]:
+            found.append(next((kwargs[n] for n in names if n in kwargs), None))
+        if any(not isinstance(t, torch.Tensor) for t in found):
+            raise ValueError(
+                f"the experts module of MoE layer {i} was called without (hidden_states, "
+                "top_k_index, top_k_weights); this family does not use the experts interface"
+            )
+        x, idx, weight = found
+        return x, idx.reshape(-1, idx.shape[-1]), weight.reshape(-1, idx.shape[-1])
 
     def parse_router_output(
         self, i: int, output: Any
@@ -181,5 +249,7 @@ class MoEAdapter:
             "expert_shape": {"E": w.num_experts, "F": int(w.act.shape[1]), "D": self.hidden_size},
             "shared_expert_width": None if w.shared is None else int(w.shared["act"].shape[0]),
             "expert_layout": w.layout,
+            "expert_function": self.glu.describe(),
+            "expert_biases": w.has_bias,
             "router_space": self.layers[0].router_space,
         }

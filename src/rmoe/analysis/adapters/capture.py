@@ -16,10 +16,7 @@ from rmoe.analysis.adapters.spec import (
     _selection_scores,
     route,
 )
-from rmoe.analysis.adapters.weights import (
-    ExpertWeights,
-    expert_forward,
-)
+from rmoe.analysis.adapters.weights import ExpertWeights
 
 if TYPE_CHECKING:
     from rmoe.analysis.adapters.base import MoEAdapter
@@ -43,6 +40,10 @@ class MoELayer:
         shared: the shared-expert MLP, or None.
         shared_gate: the shared expert's gate (Qwen2-MoE), or None.
         router_space: what the router rows live in ("model width D", "router state P", ...).
+        capture_at: where the capture reads the model's choice of experts: "router" (its
+            output, or :func:`route` of its logits) or "experts" (the transformers-5 experts
+            interface: a pre-hook on ``experts`` sees ``(hidden_states [N, D], top_k_index
+            [N, K], top_k_weights [N, K])`` exactly as the model dispatches them).
     """
 
     index: int
@@ -53,6 +54,7 @@ class MoELayer:
     shared: nn.Module | None = None
     shared_gate: nn.Module | None = None
     router_space: str = "model width D"
+    capture_at: str = "router"
 
 
 @dataclass
@@ -109,9 +111,10 @@ class RoutingCapture:
     """Forward hooks on every router of a model; use as a context manager (see module doc).
 
     Each forward pass inside the ``with`` block appends its tokens; :meth:`layer` returns them
-    concatenated. The model's own choice of experts is recorded (sorted by selection score);
-    when a router returns only logits (per-expert-module layouts), the choice is reproduced
-    with :func:`route`.
+    concatenated. The model's own choice of experts is recorded (sorted by selection score):
+    for layers captured at the experts (:attr:`MoELayer.capture_at`), the indices and weights
+    the model passes to its experts module, with the logits from the router's output;
+    otherwise the router's output, or, when a router returns only logits, :func:`route`.
 
     Args:
         adapter: the model's adapter.
@@ -144,6 +147,7 @@ class RoutingCapture:
         ]
         self._stored = [0] * n
         self._capacity = [False] * n  # a batch of the layer was routed with a capacity
+        self._pending: list[torch.Tensor | None] = [None] * n  # router logits awaiting dispatch
 
     def __enter__(self) -> RoutingCapture:
         if self._handles:
@@ -152,6 +156,12 @@ class RoutingCapture:
             self._handles.append(
                 layer.router.register_forward_hook(self._make_hook(layer.index), with_kwargs=True)
             )
+            if layer.capture_at == "experts":
+                self._handles.append(
+                    layer.experts.register_forward_pre_hook(
+                        self._make_dispatch_hook(layer.index), with_kwargs=True
+                    )
+                )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -161,16 +171,43 @@ class RoutingCapture:
 
     def _make_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.adapter.layers[i].capture_at == "experts":
+                logits = self.adapter.parse_router_output(i, output)[0]
+                self._pending[i] = (
+                    logits.detach().float().reshape(-1, self.adapter.spec.num_experts)
+                )
+                return
             x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-            self._record(i, x, output)
+            logits, idx, weight = self.adapter.parse_router_output(i, output)
+            self._record(i, x, logits, idx, weight, self.adapter.parse_dropped(i, output))
+
+        return hook
+
+    def _make_dispatch_hook(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x, idx, weight = self.adapter.parse_experts_input(i, args, kwargs)
+            x = x.reshape(-1, x.shape[-1])
+            logits = self._pending[i]
+            self._pending[i] = None
+            if logits is None or logits.shape[0] != x.shape[0]:
+                logits = self.adapter.router_logits(i, x)
+            self._record(i, x, logits, idx, weight, None)
 
         return hook
 
     @torch.no_grad()
-    def _record(self, i: int, x: torch.Tensor, output: Any) -> None:
+    def _record(
+        self,
+        i: int,
+        x: torch.Tensor | None,
+        logits: torch.Tensor,
+        idx: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        dropped: torch.Tensor | None,
+    ) -> None:
+        """Append one batch of MoE layer ``i``: logits [N, E], chosen experts and weights
+        [N, K] (None: reproduce them with :func:`route`), dropped [N, K] or None."""
         adapter = self.adapter
-        logits, idx, weight = adapter.parse_router_output(i, output)
-        dropped = adapter.parse_dropped(i, output)
         logits = logits.detach().float().reshape(-1, adapter.spec.num_experts)
         bias = adapter.score_correction_bias(i)
         if idx is None:
@@ -200,8 +237,8 @@ class RoutingCapture:
             if self.store_outputs:
                 if i not in self._weights:
                     self._weights[i] = adapter.expert_weights(i)
-                out, acts = expert_forward(
-                    xs, self._weights[i], adapter.act_fn, with_activations=True
+                out, acts = adapter.expert_outputs(
+                    i, xs, with_activations=True, weights=self._weights[i]
                 )
                 rec["outputs"].append(out.cpu())
                 rec["acts"].append(acts.cpu())  # type: ignore[union-attr]

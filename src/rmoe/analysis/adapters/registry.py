@@ -5,29 +5,59 @@ from __future__ import annotations
 from torch import nn
 
 from rmoe.analysis.adapters.base import MoEAdapter
+from rmoe.analysis.adapters.hf_custom import (
+    DbrxAdapter,
+    GptOssAdapter,
+    JetMoeAdapter,
+    Llama4Adapter,
+)
 from rmoe.analysis.adapters.huggingface import (
+    Cohere2MoeAdapter,
     DeepseekV2Adapter,
     DeepseekV3Adapter,
+    ErnieMoeAdapter,
+    FlexOlmoAdapter,
+    HunYuanMoeAdapter,
+    JambaAdapter,
+    Lfm2MoeAdapter,
+    MiniMaxAdapter,
+    MixtralAdapter,
+    OlmoeAdapter,
+    PhimoeAdapter,
+    Qwen2MoeAdapter,
+    Qwen3MoeAdapter,
+    Qwen3NextAdapter,
+    SigmoidBiasAdapter,
+    TopKSoftmaxAdapter,
+)
+from rmoe.analysis.adapters.rmoe_model import RMoEAdapter
+
+_CLASSES: tuple[type[MoEAdapter], ...] = (
+    RMoEAdapter,
     MixtralAdapter,
     OlmoeAdapter,
     Qwen2MoeAdapter,
     Qwen3MoeAdapter,
+    DeepseekV2Adapter,
+    DeepseekV3Adapter,
+    MiniMaxAdapter,
+    HunYuanMoeAdapter,
+    TopKSoftmaxAdapter,
+    FlexOlmoAdapter,
+    JambaAdapter,
+    Qwen3NextAdapter,
+    PhimoeAdapter,
+    ErnieMoeAdapter,
+    Cohere2MoeAdapter,
+    SigmoidBiasAdapter,
+    Lfm2MoeAdapter,
+    GptOssAdapter,
+    Llama4Adapter,
+    DbrxAdapter,
+    JetMoeAdapter,
 )
-from rmoe.analysis.adapters.rmoe_model import RMoEAdapter
 
-ADAPTERS: dict[str, type[MoEAdapter]] = {
-    t: cls
-    for cls in (
-        RMoEAdapter,
-        MixtralAdapter,
-        OlmoeAdapter,
-        Qwen2MoeAdapter,
-        Qwen3MoeAdapter,
-        DeepseekV2Adapter,
-        DeepseekV3Adapter,
-    )
-    for t in cls.model_types
-}
+ADAPTERS: dict[str, type[MoEAdapter]] = {t: cls for cls in _CLASSES for t in cls.model_types}
 """``config.model_type`` -> adapter class: the one place a family is registered."""
 
 

@@ -32,6 +32,11 @@ class RoutingSpec:
         shared_expert_gate: None, or "sigmoid" when a learned sigmoid gate scales the shared
             expert's output (Qwen2-MoE).
         router: short description of the router (e.g. "linear", "recurrent:gru+linear").
+        weights_scale: "output" (y = sum_k w_k E_k(x), every family but one) or "input"
+            (Llama 4: y = sum_k E_k(w_k x), the weight scales the expert's input).
+        reproducible: :func:`route` reproduces the model's choice and weights from the logits.
+            False where the family's gate is not expressible here (Phi-MoE's sparsemixer,
+            DBRX's p-norm with p != 1); the capture records the model's own choice either way.
     """
 
     score: str
@@ -46,6 +51,8 @@ class RoutingSpec:
     num_shared_experts: int = 0
     shared_expert_gate: str | None = None
     router: str = "linear"
+    weights_scale: str = "output"
+    reproducible: bool = True
 
     def __post_init__(self) -> None:
         if self.score not in ("softmax", "sigmoid"):
@@ -53,6 +60,10 @@ class RoutingSpec:
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"top_k must be in [1, num_experts] = [1, {self.num_experts}]; got {self.top_k}"
+            )
+        if self.weights_scale not in ("output", "input"):
+            raise ValueError(
+                f"weights_scale must be 'output' or 'input'; got {self.weights_scale!r}"
             )
         if self.group_score not in (None, "max", "top2_sum"):
             raise ValueError(
