@@ -6,7 +6,9 @@ by batch (paired bootstrap, `rmoe.experiments.stats`). Routing statistics (inner
 router entropy, binned cross-layer mutual information, from `rmoe.analysis.routing`) are computed
 on the first `routing_tokens` tokens of the last split, with the expert-load MaxVio and the
 share of assignments an evaluation capacity (`eval_capacity_factor`) dropped; from the training
-log, the share the training capacity dropped and the final expert-bias range.
+log, the share the training capacity dropped and the final expert-bias range. When the spec's
+`eval.tasks` names lm-evaluation-harness tasks, they are run last on the same model (windows of
+the run's `seq_len`; `rmoe.integrations.lm_eval`) and their metrics stored under `tasks`.
 
 Run as a subprocess by the experiment runner:
     python -m rmoe.experiments.evaluate RUN_DIR --eval-json '{"batches": 16, ...}'
@@ -222,7 +224,23 @@ def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dic
     res["train_elapsed_s"] = metrics["train"][-1].get("elapsed_s") if metrics["train"] else None
     res["final_train_loss"] = metrics["train"][-1].get("lm_loss") if metrics["train"] else None
     res.update(training_routing(metrics["train"]))
+    if ev.tasks:
+        with torch.autocast(dev.type, amp) if amp else nullcontext():
+            res["tasks"] = task_scores(model, tokenizer, ev, seq_len)
+        res["task_limit"] = ev.task_limit
     return res
+
+
+def task_scores(
+    model: torch.nn.Module, tokenizer: Any, ev: EvalSpec, max_length: int
+) -> dict[str, dict[str, float | None]]:
+    """The lm_eval metrics of `ev.tasks` on a loaded model: ``{task: {metric: value,
+    metric + "_stderr": stderr}}`` (e.g. ``{"rmoe_pydoc_mc": {"acc": 0.31, ...}}``)."""
+    from ..integrations.lm_eval import RMoELM, evaluate_tasks
+
+    lm = RMoELM.from_model(model, tokenizer, batch_size=ev.batch_size, max_length=max_length)
+    out = evaluate_tasks(lm, ev.tasks, include_path=ev.task_include or None, limit=ev.task_limit)
+    return out.by_task()
 
 
 def main(argv: list[str] | None = None) -> int:

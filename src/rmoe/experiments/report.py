@@ -10,7 +10,9 @@ a bootstrap interval over evaluation batches and the seed-level t interval and T
 (`rmoe.experiments.stats`). With a sweep, a Tuning table shows each family's setting chosen on
 `compare.select_on`; the Comparisons table gives each family at its chosen setting against the
 reference at its own on `compare.report_on`, with the verdict at the stated margin
-(`rmoe.experiments.compare`). The plots are drawn by `rmoe.experiments.plots`.
+(`rmoe.experiments.compare`). When the spec's `eval.tasks` names lm-evaluation-harness tasks, the
+per-arm table gets one `metric/task` column per task metric (`acc/rmoe_pydoc_mc`, ...; mean ±
+std over seeds). The plots are drawn by `rmoe.experiments.plots`.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
     """Per-(arm, depth) table rows, paired differences against the reference family (at the
     same sweep setting), the tuning choices and the seed-level comparisons (`compare`).
 
-    Returns {"arms", "paired", "tuning", "comparisons"}.
+    Returns {"arms", "paired", "tuning", "comparisons"}, and "task_metrics" (the
+    `metric/task` keys of the arms' task columns) when the spec evaluates tasks.
     """
     splits = list(spec.eval.splits)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
@@ -158,6 +161,9 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
         for key in ROUTING_KEYS:
             vals = [d["results"]["routing"].get(key) for d in done if d["results"].get("routing")]
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(vals)
+        for key, task, metric in task_metric_keys(rows) if spec.eval.tasks else []:
+            vals = [(d["results"].get("tasks") or {}).get(task, {}).get(metric) for d in done]
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([v for v in vals if v is not None])
         arms.append(entry)
 
     paired = _paired(spec, groups, rows)
@@ -165,12 +171,27 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
     arms.sort(key=lambda e: (e["depth"], order.get(e["arm"], 99)))
     paired.sort(key=lambda e: (e["depth"], order.get(e["arm"], 99), splits.index(e["split"])))
     tuning = choose_settings(spec, rows)
-    return {
+    out = {
         "arms": arms,
         "paired": paired,
         "tuning": tuning,
         "comparisons": compare_families(spec, rows, tuning),
     }
+    if spec.eval.tasks:
+        out["task_metrics"] = [key for key, _, _ in task_metric_keys(rows)]
+    return out
+
+
+def task_metric_keys(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """``(metric/task, task, metric)`` of every task metric in the runs' results (the
+    `tasks` of `arm_results.json`), in the order first seen; standard errors left out."""
+    keys: dict[str, tuple[str, str, str]] = {}
+    for row in rows:
+        for task, metrics in ((row.get("results") or {}).get("tasks") or {}).items():
+            for metric in metrics:
+                if not metric.endswith("_stderr"):
+                    keys.setdefault(f"{metric}/{task}", (f"{metric}/{task}", task, metric))
+    return list(keys.values())
 
 
 def _paired(
@@ -339,6 +360,8 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
         if any(e[f"{key}_mean"] > least for e in agg["arms"])  # NaN > x is False
     ]
     head += [title for _, title, _ in optional]
+    tasks = agg.get("task_metrics") or []
+    head += tasks
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in agg["arms"]:
         n = len(e["seeds"])
@@ -356,6 +379,7 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
             _pm(e["max_violation_mean"], e["max_violation_std"], n, 3),
         ]
         cells += [_pm(e[f"{k}_mean"], e[f"{k}_std"], n, digits) for k, _, digits in optional]
+        cells += [_pm(e[f"{k}_mean"], e[f"{k}_std"], len(e["seeds"]), 3) for k in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -372,6 +396,15 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
         "expert bias at the end of training (largest over layers).",
         "",
     ]
+    if tasks:
+        limit = spec.eval.task_limit
+        lines += [
+            "metric/task: lm-evaluation-harness metrics of `eval.tasks` "
+            f"({'the first ' + str(limit) if limit else 'all'} items of each task, zero-shot "
+            "unless the task sets few-shot examples; acc_norm = log-likelihood normalised by "
+            "the choice's length in bytes; `rmoe.integrations.lm_eval`), mean ± std over seeds.",
+            "",
+        ]
     return lines
 
 

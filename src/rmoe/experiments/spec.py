@@ -20,6 +20,9 @@ A spec is YAML::
       batch_size: 8                 #   non-overlapping windows of each split
       routing_tokens: 16384         # tokens of the test split used for IB/OB/entropy/MI
       bootstrap: 2000
+      tasks: [rmoe_pydoc_mc]        # optional: lm-evaluation-harness tasks run on every arm
+      task_limit: 200               #   (acc/<task> columns; pip install 'rmoe[eval]'), items
+      task_include: [./my_tasks]    #   per task, and folders of local task YAMLs
     workers: 2
     arms:
       - {name: smoe, router: linear}
@@ -96,6 +99,9 @@ _SPEC_KEYS = {
 _COMPARE_KEYS = {"margin", "alpha", "select_on", "report_on"}
 _ARM_KEYS = {"name", "router", "set", "seeds", "depths", "match", "label"}
 _EVAL_KEYS = {"splits", "batches", "batch_size", "routing_tokens", "bootstrap", "mi_bins"}
+_TASK_KEYS = ("tasks", "task_limit", "task_include")
+"""The optional downstream-task keys of `eval:` (left out of `ExperimentSpec.to_dict` when
+`tasks` is empty, so a spec without them reads exactly as before they existed)."""
 _BUDGET_KEYS = {"flops_reference", "time_limit_s"}
 
 
@@ -175,6 +181,11 @@ class EvalSpec:
         routing_tokens: tokens (from the start of the last split) used for routing statistics.
         bootstrap: bootstrap resamples of evaluation batches for confidence intervals.
         mi_bins: bin edges of the binned cross-layer MI (paper: 100).
+        tasks: lm-evaluation-harness tasks (names, groups or tags; `rmoe.integrations.lm_eval`)
+            run on every arm after bits/byte; their metrics become `acc/<task>`-style columns.
+            Empty = none (the default).
+        task_limit: items per task (None = all).
+        task_include: folders of local task YAMLs (lm_eval include paths).
     """
 
     splits: list[str] = field(default_factory=lambda: ["valid", "test"])
@@ -183,6 +194,9 @@ class EvalSpec:
     routing_tokens: int = 16384
     bootstrap: int = 2000
     mi_bins: int = 100
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = None
+    task_include: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -268,10 +282,14 @@ class ExperimentSpec:
         return from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (YAML/JSON-ready)."""
+        """Plain dict (YAML/JSON-ready); `eval`'s task keys only when it has tasks."""
         import dataclasses
 
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.eval.tasks:
+            for key in _TASK_KEYS:
+                out["eval"].pop(key, None)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,8 +388,12 @@ def spec_from_dict(raw: dict[str, Any]) -> ExperimentSpec:
     _check_keys(compare_raw, _COMPARE_KEYS, "compare")
     compare = CompareSpec(**compare_raw)
     ev_raw = raw.get("eval") or {}
-    _check_keys(ev_raw, _EVAL_KEYS, "eval")
+    _check_keys(ev_raw, _EVAL_KEYS | set(_TASK_KEYS), "eval")
     ev = EvalSpec(**ev_raw)
+    if isinstance(ev.tasks, str):
+        ev.tasks = [t.strip() for t in ev.tasks.split(",") if t.strip()]
+    if isinstance(ev.task_include, str):
+        ev.task_include = [ev.task_include]
     budget = raw.get("budget") or {}
     _check_keys(budget, _BUDGET_KEYS, "budget")
     spec = ExperimentSpec(
@@ -490,6 +512,7 @@ def validate_spec(spec: ExperimentSpec) -> None:
         raise ValueError(
             f"eval.splits must be a non-empty subset of train/valid/test, got {e.splits}"
         )
+    _validate_tasks(e)
     if spec.workers < 1:
         raise ValueError(f"workers must be >= 1, got {spec.workers}")
     # every arm's config must build
@@ -501,6 +524,24 @@ def validate_spec(spec: ExperimentSpec) -> None:
         for key, value in a.set.items():
             set_key(cfg, key, value)
         cfg.validate()
+
+
+def _validate_tasks(e: EvalSpec) -> None:
+    """Raise ValueError on bad `eval.tasks` / `task_limit` / `task_include`, or on tasks asked
+    for without lm-evaluation-harness installed."""
+    if not isinstance(e.tasks, list) or not all(isinstance(t, str) and t for t in e.tasks):
+        raise ValueError(f"eval.tasks must be a list of lm_eval task names, got {e.tasks!r}")
+    if e.task_limit is not None and (not isinstance(e.task_limit, int) or e.task_limit < 1):
+        raise ValueError(f"eval.task_limit must be an integer >= 1 or null, got {e.task_limit!r}")
+    if not isinstance(e.task_include, list) or not all(isinstance(p, str) for p in e.task_include):
+        raise ValueError(f"eval.task_include must be a list of folders, got {e.task_include!r}")
+    if e.tasks:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ValueError(
+                "eval.tasks needs lm-evaluation-harness; install it with: pip install 'rmoe[eval]'"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,6 +613,9 @@ def quick_spec(spec: ExperimentSpec, steps: int = 6) -> ExperimentSpec:
         routing_tokens=256,
         bootstrap=min(spec.eval.bootstrap, 200),
         mi_bins=spec.eval.mi_bins,
+        tasks=list(spec.eval.tasks),
+        task_limit=min(spec.eval.task_limit or 8, 8) if spec.eval.tasks else None,
+        task_include=list(spec.eval.task_include),
     )
     validate_spec(q)
     return q
