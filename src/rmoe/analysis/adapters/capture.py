@@ -65,7 +65,8 @@ class LayerCapture:
         layer: MoE layer index; ``layer_index``: its decoder layer.
         logits: [N, E] float32 router logits.
         topk_idx: [N, K] int64 the experts the model chose, highest selection score first.
-        topk_weight: [N, K] float32 the model's combine weights, same order.
+        topk_weight: [N, K] float32 the model's combine weights, same order (Llama 4: the scales
+            of the expert inputs, see :attr:`RoutingSpec.weights_scale`).
         inputs: [n, D] float32 MoE inputs of the first n tokens (``store_inputs``), or None.
         expert_outputs: [E, n, D] every expert's unweighted output on ``inputs``, or None.
         activations: [E, n, F] intermediate activations act_fn(W_act x) on ``inputs``, or None.

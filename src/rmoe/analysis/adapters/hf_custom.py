@@ -1,6 +1,6 @@
 """The transformers MoE families that differ from the generic experts interface of
 :mod:`rmoe.analysis.adapters.huggingface` in their expert function, expert layout or router
-output: GPT-OSS, Llama 4, DBRX and JetMoE."""
+output: GPT-OSS, HY-V4, Llama 4, DBRX and JetMoE."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rmoe.analysis.adapters.capture import MoELayer
-from rmoe.analysis.adapters.huggingface import HFMoEAdapter
+from rmoe.analysis.adapters.huggingface import DeepseekV3Adapter, HFMoEAdapter
 from rmoe.analysis.adapters.spec import RoutingSpec
 from rmoe.analysis.adapters.weights import GLU, ExpertWeights, alpha_silu
 
@@ -36,6 +36,19 @@ class GptOssAdapter(HFMoEAdapter):
         )
 
 
+class HYV4Adapter(DeepseekV3Adapter):
+    """HY-V4 (hyper-connection residual streams): DeepSeek-V3's router; experts are SwiGLU
+    with the gate clamped from above and the up projection on both sides at
+    ``swiglu_limit``."""
+
+    family = "hy_v4"
+    model_types = ("hy_v4",)
+
+    def _glu(self) -> GLU:
+        limit = float(self.layers[0].experts.swiglu_limit)
+        return GLU(self.act_fn, limit=limit, name="clamped swiglu")
+
+
 class Llama4Adapter(HFMoEAdapter):
     """Llama 4: top-k logits, weights sigmoid(logit) (not renormalised) that scale the
     expert's *input*: y = shared(x) + Σ_k E_k(w_k x). The experts module runs every expert on
@@ -44,7 +57,7 @@ class Llama4Adapter(HFMoEAdapter):
     ``interleave_moe_layer_step``."""
 
     family = "llama4"
-    model_types = ("llama4_text", "llama4")
+    model_types = ("llama4_text",)
     score = "sigmoid"
     norm_fixed = False
     capture_at = "router"

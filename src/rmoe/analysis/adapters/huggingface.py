@@ -194,7 +194,7 @@ class HFMoEAdapter(MoEAdapter):
 
     def _scaling(self) -> float:
         router = self.layers[0].router
-        for name in ("routed_scaling_factor", "route_scale"):
+        for name in ("routed_scaling_factor", "route_scale", "router_scaling_factor"):
             value = getattr(router, name, None)
             if isinstance(value, (int, float)):
                 return float(value)
@@ -263,7 +263,13 @@ class TopKSoftmaxAdapter(HFMoEAdapter):
     hybrid and sliding-window variants, Aria): softmax scores renormalised over the top-k."""
 
     family = "granitemoe"
-    model_types = ("granitemoe", "granitemoeshared", "granitemoehybrid", "aria_text")
+    model_types = (
+        "granitemoe",
+        "granitemoeshared",
+        "granitemoehybrid",
+        "granitemoe_swa",
+        "aria_text",
+    )
     norm_fixed = True
     router_text = "linear; softmax over the top-k logits"
 
@@ -276,10 +282,11 @@ class OlmoeAdapter(HFMoEAdapter):
 
 
 class FlexOlmoAdapter(HFMoEAdapter):
-    """FlexOlmo: OLMoE's gate (renormalised with the router's ``norm_topk_prob``)."""
+    """OLMoE's gate, renormalised with the router's ``norm_topk_prob``: FlexOlmo, Lara-Mini,
+    Mellum."""
 
     family = "flex_olmo"
-    model_types = ("flex_olmo",)
+    model_types = ("flex_olmo", "lara_mini", "mellum")
 
 
 class JambaAdapter(HFMoEAdapter):
@@ -311,7 +318,7 @@ class Qwen3NextAdapter(HFMoEAdapter):
     ``norm_topk_prob``; Qwen3.5 always renormalises), plus a sigmoid-gated shared expert."""
 
     family = "qwen3_next"
-    model_types = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text")
+    model_types = ("qwen3_next", "qwen3_5_moe_text")
     norm_default = True
 
 
@@ -410,19 +417,21 @@ class DeepseekV3Adapter(HFMoEAdapter):
 
 class SigmoidBiasAdapter(HFMoEAdapter):
     """Sigmoid routers with a selection bias and no groups, always renormalised: MiniMax-M2
-    (``e_score_correction_bias`` on the block) and AFMoE (``expert_bias``, × ``route_scale``)."""
+    (``e_score_correction_bias`` on the block), AFMoE (``expert_bias``, × ``route_scale``),
+    HY-V3 (bias on the block, × ``router_scaling_factor``)."""
 
     family = "minimax_m2"
-    model_types = ("minimax_m2", "afmoe")
+    model_types = ("minimax_m2", "afmoe", "hy_v3")
     score = "sigmoid"
     norm_fixed = True
 
 
 class Lfm2MoeAdapter(HFMoEAdapter):
-    """LFM2-MoE (short-convolution hybrid): sigmoid scores, optional ``expert_bias`` for the
-    selection, ``norm_topk_prob``, × ``routed_scaling_factor``."""
+    """Sigmoid top-k routers renormalised with the router's ``norm_topk_prob``: LFM2-MoE
+    (short-convolution hybrid; optional ``expert_bias`` for the selection, ×
+    ``routed_scaling_factor``) and Flint (no bias)."""
 
     family = "lfm2_moe"
-    model_types = ("lfm2_moe",)
+    model_types = ("lfm2_moe", "flint")
     score = "sigmoid"
     norm_default = True

@@ -8,6 +8,7 @@ from rmoe.analysis.adapters.base import MoEAdapter
 from rmoe.analysis.adapters.hf_custom import (
     DbrxAdapter,
     GptOssAdapter,
+    HYV4Adapter,
     JetMoeAdapter,
     Llama4Adapter,
 )
@@ -52,6 +53,7 @@ _CLASSES: tuple[type[MoEAdapter], ...] = (
     SigmoidBiasAdapter,
     Lfm2MoeAdapter,
     GptOssAdapter,
+    HYV4Adapter,
     Llama4Adapter,
     DbrxAdapter,
     JetMoeAdapter,
