@@ -380,18 +380,18 @@ class RMoELM(_LMBase):
         for start in range(0, len(todo), self.batch_size):
             rows = todo[start : start + self.batch_size]
             inputs = [items[i][0][:-1] for i in rows]
-            logprobs = self._log_softmax(inputs)  # [b, T, V]
+            logits = self._logits(inputs)  # [b, T, V]
             for r, i in enumerate(rows):
                 seq, m = items[i]
                 n = len(seq) - 1
-                target = torch.tensor(seq[-m:], device=logprobs.device)
-                lp = logprobs[r, n - m : n]  # [m, V]
+                target = torch.tensor(seq[-m:], device=logits.device)
+                lp = logits[r, n - m : n].float().log_softmax(-1)  # [m, V]
                 total = float(lp.gather(-1, target[:, None]).sum())
                 out[i] = (total, bool((lp.argmax(-1) == target).all()))
         return out
 
-    def _log_softmax(self, inputs: list[list[int]]) -> torch.Tensor:
-        """Float32 log-softmax of the model's logits ``[b, T, V]`` for right-padded ``inputs``."""
+    def _logits(self, inputs: list[list[int]]) -> torch.Tensor:
+        """The model's logits ``[b, T, V]`` for ``inputs`` right-padded to ``T`` ids."""
         width = max(len(x) for x in inputs)
         ids = torch.full((len(inputs), width), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros((len(inputs), width), dtype=torch.long)
@@ -401,7 +401,7 @@ class RMoELM(_LMBase):
         out = self.model(
             input_ids=ids.to(self._device), attention_mask=mask.to(self._device), use_cache=False
         )
-        return out.logits.float().log_softmax(-1)
+        return out.logits
 
     def loglikelihood(
         self, requests: list[Any], disable_tqdm: bool = False
