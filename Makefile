@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip >/dev/null
 	$(PIP) install "$(TORCH_PIN)" || echo "note: $(TORCH_PIN) not available; using torch from pyproject.toml"
-	$(PIP) install -e ".[test,tensorboard]"
+	$(PIP) install -e ".[test,tensorboard,eval]"
 	touch $@
 
 venv install: $(VENV)/.installed

@@ -8,6 +8,7 @@ import torch
 from rmoe.runtime import (
     DistInfo,
     autocast_dtype,
+    lone_launch_warning,
     model_device,
     resolve_device,
     resolve_dtype,
@@ -47,3 +48,30 @@ def test_single_process_and_model_device(monkeypatch):
     assert info == DistInfo() and info.is_main and not DistInfo(rank=1, world_size=2).is_main
     assert model_device(torch.nn.Linear(2, 2)) == CPU
     assert model_device(torch.nn.Identity()) == CPU
+
+
+def test_lone_accelerate_launch_is_detected():
+    # what `accelerate launch --cpu --num_processes 2` gives its one process (checked with
+    # accelerate 1.15): MASTER_ADDR because N > 1, no WORLD_SIZE
+    lone = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no"}
+    lone["MASTER_ADDR"] = "127.0.0.1"
+    msg = lone_launch_warning(lone)
+    assert msg is not None and "torchrun --nproc-per-node N" in msg and "--multi_gpu" in msg
+    # --multi_gpu / torchrun: WORLD_SIZE is set -> no warning
+    assert lone_launch_warning({**lone, "WORLD_SIZE": "2"}) is None
+    # a single-process accelerate launch (no MASTER_ADDR) and a plain run: no warning
+    assert lone_launch_warning({"ACCELERATE_MIXED_PRECISION": "no"}) is None
+    assert lone_launch_warning({"MASTER_ADDR": "127.0.0.1"}) is None
+    assert lone_launch_warning({}) is None
+
+
+def test_rmoe_train_prints_the_lone_launch_warning(monkeypatch, tmp_path, capsys):
+    from rmoe.cli.main import main
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    # an unknown preset fails right after the check: the warning comes first, nothing trains
+    assert main(["train", "no-such-preset", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "accelerate launch asked for more than one process" in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def lone_launch_warning(env: Mapping[str, str] | None = None) -> str | None:
+    """A warning when ``accelerate launch`` was asked for several processes but started only
+    this one, else None.
+
+    accelerate's simple launcher (what ``accelerate launch --cpu --num_processes N`` uses) runs
+    ONE process and sets ``MASTER_ADDR`` (because N > 1) but no ``WORLD_SIZE``, so the run
+    trains alone. ``--multi_gpu`` (without ``--cpu``; on a machine without GPUs its processes
+    use the CPU) and ``torchrun --nproc-per-node N`` start N processes.
+    """
+    env = os.environ if env is None else env
+    launched_by_accelerate = any(k.startswith("ACCELERATE_") for k in env)
+    if not launched_by_accelerate or "MASTER_ADDR" not in env or "WORLD_SIZE" in env:
+        return None
+    return (
+        "warning: accelerate launch asked for more than one process but this one runs alone "
+        "(world size 1): accelerate's --cpu launcher starts a single process. For N CPU "
+        "processes use `torchrun --nproc-per-node N -m rmoe.cli.main train ...` or "
+        "`accelerate launch --multi_gpu --num_processes N -m rmoe.cli.main train ...` "
+        "(without --cpu)."
+    )
 
 
 def setup_distributed(device: torch.device) -> DistInfo:

@@ -164,7 +164,8 @@ def _block_outputs(adapter) -> tuple[list, Callable[[], None]]:
 
 
 def test_every_family_is_registered():
-    assert set(FAMILIES) == set(supported_families())
+    # the other registered families are tested in test_adapter_families.py
+    assert set(FAMILIES) <= set(supported_families())
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

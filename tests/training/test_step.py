@@ -51,6 +51,10 @@ def test_lm_losses_matches_model_loss_with_labels():
     _, lm_eval, *_ = lm_losses(model, model.config, x, y)
     out = model(input_ids=full, labels=full)
     assert out.lm_loss.item() == pytest.approx(lm_eval.item(), rel=1e-5)
+    # in eval mode the model's loss is the LM loss (router losses join it in training only)
+    assert out.aux_loss.item() > 0 and torch.equal(out.loss, out.lm_loss)
+    model.train()
+    out = model(input_ids=full, labels=full)
     assert out.loss.item() == pytest.approx(
         training_loss(out.lm_loss, out.aux_loss, out.z_loss, 0.1, 0.01).item(), rel=1e-6
     )

@@ -11,6 +11,12 @@ EXAMPLE = """examples:
   rmoe analyze runs/tiny-rmoe --out analysis/rmoe
   rmoe analyze runs/tiny-smoe runs/tiny-rmoe --tokens 65536 --out analysis/smoe-vs-rmoe
   rmoe analyze ~/models/OLMoE-1B-7B --data pydoc-topics --tokens 8192 --device cuda
+  rmoe analyze ~/models/gpt-oss-20b --tokens 8192 --device cuda
+
+Models: rmoe runs and saved models, and 42 transformers MoE families by config.model_type
+(mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next, deepseek_v2/v3, gpt_oss, llama4_text, dbrx,
+jetmoe, granitemoe, phimoe, glm4_moe, ... ; the full list is in the README and in the error an
+unsupported model gets).
 
 PATH is a model directory with config.json (rmoe, Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE,
 DeepSeek-V2/V3) or an rmoe run directory (its model/, final/ or newest checkpoints/step-N/

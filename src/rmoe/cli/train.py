@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError("--out DIR is required (the run directory)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from rmoe.runtime import lone_launch_warning
+
+    if (warning := lone_launch_warning()) is not None:
+        print(f"rmoe train: {warning}", file=sys.stderr)
     cfg = load_config(args.config, args.set)
     cpt = _cpt_options(args)
     if cpt is not None:

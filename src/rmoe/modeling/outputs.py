@@ -50,8 +50,8 @@ class RMoEModelOutput(ModelOutput):
 class RMoECausalLMOutput(ModelOutput):
     """Output of `RMoEForCausalLM`.
 
-    loss: LM cross-entropy + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
-    (when labels are given); lm_loss: the cross-entropy alone; logits [B, T, V]; the rest as in
+    loss: when labels are given, in training mode LM cross-entropy + router_aux_loss_coef *
+    aux_loss + router_z_loss_coef * z_loss, in eval mode the LM cross-entropy alone; lm_loss: the cross-entropy alone; logits [B, T, V]; the rest as in
     `RMoEModelOutput`. aux_loss and z_loss are unscaled (multiply by the coefficients to get the
     amounts added to `loss`).
     """

@@ -454,6 +454,10 @@ class RMoEForCausalLM(RMoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = (
         {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_V5 else ["lm_head.weight"]
     )
+    # `loss` is a mean per micro-batch (no `num_items_in_batch`): transformers' Trainer must
+    # divide it by the accumulation steps itself, which it skips for models whose forward
+    # takes **kwargs unless told otherwise.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: RMoEConfig) -> None:
         super().__init__(config)
@@ -491,9 +495,12 @@ class RMoEForCausalLM(RMoEPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> RMoECausalLMOutput:
         """Logits, and the loss when `labels` [B, T] are given (shifted inside, -100 ignored,
-        transformers' convention). Router losses are computed in training, with labels, or
-        when router logits are requested; see `RMoEModel.forward` for the other arguments.
-        `logits_to_keep` > 0 computes logits for the last that many positions only."""
+        transformers' convention). Router losses (`aux_loss`, `z_loss`) are computed in
+        training, with labels, or when router logits are requested, but `loss` includes them
+        (`lm_loss + aux_coef * aux + z_coef * z`) only in training mode: in eval mode `loss`
+        is the LM loss, so an `eval_loss` (transformers' Trainer) gives the true perplexity.
+        See `RMoEModel.forward` for the other arguments. `logits_to_keep` > 0 computes logits
+        for the last that many positions only."""
         cfg = self.config
         want_router = (
             cfg.output_router_logits if output_router_logits is None else output_router_logits
@@ -524,10 +531,12 @@ class RMoEForCausalLM(RMoEPreTrainedModel, GenerationMixin):
                 shift_labels.reshape(-1),
                 ignore_index=-100,
             )
-            z = out.z_loss if out.aux_loss is not None else None
-            loss = training_loss(
-                lm_loss, out.aux_loss, z, cfg.router_aux_loss_coef, cfg.router_z_loss_coef
-            )
+            loss = lm_loss
+            if self.training:  # router losses join the loss in training only (see docstring)
+                z = out.z_loss if out.aux_loss is not None else None
+                loss = training_loss(
+                    lm_loss, out.aux_loss, z, cfg.router_aux_loss_coef, cfg.router_z_loss_coef
+                )
         return RMoECausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,

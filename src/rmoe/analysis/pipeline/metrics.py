@@ -128,12 +128,8 @@ def expert_outputs(
 
 
 def _float_weights(w: ExpertWeights) -> ExpertWeights:
-    """Detached float32 copies of a layer's expert matrices (and shared expert)."""
-    return ExpertWeights(
-        *(getattr(w, t).detach().float() for t in MATRIX_TYPES),
-        shared=None if w.shared is None else {t: v.detach().float() for t, v in w.shared.items()},
-        layout=w.layout,
-    )
+    """Detached float32 copies of a layer's expert matrices, biases and shared expert."""
+    return w.to(torch.float32)
 
 
 def _matching(mats: dict[str, torch.Tensor], pairs: str) -> dict[str, MatchingSummary]:
