@@ -8,11 +8,14 @@ on the first `routing_tokens` tokens of the last split, with the expert-load Max
 share of assignments an evaluation capacity (`eval_capacity_factor`) dropped; from the training
 log, the share the training capacity dropped and the final expert-bias range. When the spec's
 `eval.tasks` names lm-evaluation-harness tasks, they are run last on the same model (windows of
-the run's `seq_len`; `rmoe.integrations.lm_eval`) and their metrics stored under `tasks`.
+the run's `seq_len`; `rmoe.integrations.lm_eval`) and their metrics stored under `tasks`, with
+the `task_limit` they were computed at and the task names asked for (`tasks_requested`).
 
 Run as a subprocess by the experiment runner:
     python -m rmoe.experiments.evaluate RUN_DIR --eval-json '{"batches": 16, ...}'
-which writes RUN_DIR/arm_results.json and prints nothing.
+which writes RUN_DIR/arm_results.json and prints nothing. With `--tasks-only` it adds to an
+existing arm_results.json the scores of the spec's tasks it lacks (`missing_tasks`; e.g. tasks
+added to the spec after the run finished) and changes nothing else in it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import argparse
 import json
 import statistics
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ import torch
 from ..analysis.routing import expert_load, routing_summary
 from ..data import eval_windows, get_batch, get_corpus, get_split_tokens
 from ..evaluation import batch_losses, window_batches
-from ..loading import load_model
+from ..loading import find_model_dir, load_model
 from ..runtime import autocast_dtype, model_device, set_threads
 from ..training.checkpoint import latest_checkpoint
 from .spec import EvalSpec
@@ -43,6 +46,45 @@ def checkpoint_step(run_dir: str | Path) -> int:
     """Step of the newest complete checkpoint of a run (0 if none)."""
     ck = latest_checkpoint(run_dir)
     return int(ck.name.split("-")[1]) if ck is not None else 0
+
+
+def model_present(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a model `load_model` reads (a `config.json` with weights beside
+    it). False for a run imported from a committed results folder, which has no checkpoints."""
+    try:
+        model_dir = find_model_dir(run_dir)
+    except FileNotFoundError:
+        return False
+    return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
+
+
+def _tasks_at_limit(results: dict[str, Any] | None, ev: EvalSpec) -> bool:
+    """Whether `results` hold task scores computed with the spec's `task_limit`."""
+    return bool(results) and "tasks" in results and results.get("task_limit") == ev.task_limit
+
+
+def current_task_scores(
+    results: dict[str, Any] | None, ev: EvalSpec
+) -> dict[str, dict[str, float | None]]:
+    """The task scores of an arm's results that answer the spec: its `tasks` when the spec asks
+    for tasks and they were computed with the spec's `task_limit`, else ``{}``."""
+    if not ev.tasks or not results or not _tasks_at_limit(results, ev):
+        return {}
+    return dict(results["tasks"] or {})
+
+
+def missing_tasks(results: dict[str, Any] | None, ev: EvalSpec) -> list[str]:
+    """The names of `ev.tasks` an arm's results have no scores for at the spec's `task_limit`,
+    in the spec's order (``[]`` when the spec asks for no tasks). A name counts as scored when
+    it was asked for (`tasks_requested`, which covers groups and tags, whose scores are stored
+    under their tasks' names) or has scores of its own (results written before
+    `tasks_requested` was recorded)."""
+    if not ev.tasks:
+        return []
+    answered: set[str] = set()
+    if results and _tasks_at_limit(results, ev):
+        answered = set(results.get("tasks_requested") or []) | set(results["tasks"] or {})
+    return [t for t in ev.tasks if t not in answered]
 
 
 def read_metrics(run_dir: str | Path, corpus: str | None = None) -> dict[str, list[dict[str, Any]]]:
@@ -187,16 +229,13 @@ def throughput(train_records: list[dict[str, Any]]) -> float:
 def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dict[str, Any]:
     """Evaluate a trained run on the fixed slice; returns the arm's results (see module doc)."""
     run_dir = Path(run_dir)
-    model, tokenizer, run_cfg = load_model(run_dir, device)
-    run_cfg = run_cfg or {}
-    set_threads(int(run_cfg.get("train", {}).get("threads", 0) or 0))
+    model, tokenizer, run_cfg, amp = _load_run(run_dir, device)
     data_cfg = run_cfg.get("data", {})
     seq_len = int(data_cfg.get("seq_len", 256))
     corpus = get_corpus(
         data_cfg.get("corpus", "python-stdlib"), text_field=data_cfg.get("text_field", "text")
     )
     dev = model_device(model)
-    amp = autocast_dtype(run_cfg.get("train", {}).get("dtype", "auto"), dev)
     res: dict[str, Any] = {"run_dir": str(run_dir), "step": checkpoint_step(run_dir), "splits": {}}
     split_tokens = {}
     for split in ev.splits:
@@ -225,33 +264,86 @@ def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dic
     res["final_train_loss"] = metrics["train"][-1].get("lm_loss") if metrics["train"] else None
     res.update(training_routing(metrics["train"]))
     if ev.tasks:
-        with torch.autocast(dev.type, amp) if amp else nullcontext():
-            res["tasks"] = task_scores(model, tokenizer, ev, seq_len)
+        res["tasks"] = task_scores(model, tokenizer, ev, seq_len, amp)
         res["task_limit"] = ev.task_limit
+        res["tasks_requested"] = list(ev.tasks)
+    return res
+
+
+def _load_run(
+    run_dir: Path, device: str
+) -> tuple[torch.nn.Module, Any, dict[str, Any], torch.dtype | None]:
+    """A run's model, tokenizer, run config ({} when none) and autocast dtype; sets the run's
+    torch threads."""
+    model, tokenizer, run_cfg = load_model(run_dir, device)
+    run_cfg = run_cfg or {}
+    set_threads(int(run_cfg.get("train", {}).get("threads", 0) or 0))
+    amp = autocast_dtype(run_cfg.get("train", {}).get("dtype", "auto"), model_device(model))
+    return model, tokenizer, run_cfg, amp
+
+
+def add_task_scores(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dict[str, Any]:
+    """A finished run's `arm_results.json` content with the scores of the tasks it lacks
+    (`missing_tasks`) added: only those tasks are run, on the run's model; bits/byte, routing
+    and everything else stay as they are. Scores computed with another `task_limit` are
+    replaced by the spec's tasks at its limit.
+
+    Raises:
+        FileNotFoundError: no `arm_results.json`, or no model in `run_dir`.
+    """
+    run_dir = Path(run_dir)
+    res = json.loads((run_dir / RESULTS_FILE).read_text())
+    missing = missing_tasks(res, ev)
+    if not missing:
+        return res
+    model, tokenizer, run_cfg, amp = _load_run(run_dir, device)
+    seq_len = int(run_cfg.get("data", {}).get("seq_len", 256))
+    kept = current_task_scores(res, ev)
+    asked = list(res.get("tasks_requested") or kept) if _tasks_at_limit(res, ev) else []
+    new = task_scores(model, tokenizer, replace(ev, tasks=missing), seq_len, amp)
+    res["tasks"] = {**kept, **new}
+    res["task_limit"] = ev.task_limit
+    res["tasks_requested"] = asked + missing
     return res
 
 
 def task_scores(
-    model: torch.nn.Module, tokenizer: Any, ev: EvalSpec, max_length: int
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ev: EvalSpec,
+    max_length: int,
+    amp: torch.dtype | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """The lm_eval metrics of `ev.tasks` on a loaded model: ``{task: {metric: value,
-    metric + "_stderr": stderr}}`` (e.g. ``{"rmoe_pydoc_mc": {"acc": 0.31, ...}}``)."""
+    """The lm_eval metrics of `ev.tasks` on a loaded model (under autocast to `amp`, if given):
+    ``{task: {metric: value, metric + "_stderr": stderr}}`` (e.g. ``{"rmoe_pydoc_mc":
+    {"acc": 0.31, ...}}``)."""
     from ..integrations.lm_eval import RMoELM, evaluate_tasks
 
     lm = RMoELM.from_model(model, tokenizer, batch_size=ev.batch_size, max_length=max_length)
-    out = evaluate_tasks(lm, ev.tasks, include_path=ev.task_include or None, limit=ev.task_limit)
+    include = ev.task_include or None
+    with torch.autocast(model_device(model).type, amp) if amp else nullcontext():
+        out = evaluate_tasks(lm, ev.tasks, include_path=include, limit=ev.task_limit)
     return out.by_task()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry: evaluate RUN_DIR and write RUN_DIR/arm_results.json atomically."""
+    """Subprocess entry: evaluate RUN_DIR (or, with --tasks-only, add the task scores its
+    results lack) and write RUN_DIR/arm_results.json atomically."""
     p = argparse.ArgumentParser(prog="python -m rmoe.experiments.evaluate")
     p.add_argument("run_dir")
     p.add_argument("--eval-json", default="{}", help="EvalSpec fields as JSON")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--tasks-only",
+        action="store_true",
+        help="only add the scores of the spec's tasks that RUN_DIR/arm_results.json lacks",
+    )
     args = p.parse_args(argv)
     ev = EvalSpec(**json.loads(args.eval_json))
-    res = evaluate_arm(args.run_dir, ev, args.device)
+    if args.tasks_only:
+        res = add_task_scores(args.run_dir, ev, args.device)
+    else:
+        res = evaluate_arm(args.run_dir, ev, args.device)
     path = Path(args.run_dir) / RESULTS_FILE
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=1))

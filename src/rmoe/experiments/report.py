@@ -12,7 +12,10 @@ a bootstrap interval over evaluation batches and the seed-level t interval and T
 reference at its own on `compare.report_on`, with the verdict at the stated margin
 (`rmoe.experiments.compare`). When the spec's `eval.tasks` names lm-evaluation-harness tasks, the
 per-arm table gets one `metric/task` column per task metric (`acc/rmoe_pydoc_mc`, ...; mean ±
-std over seeds). The plots are drawn by `rmoe.experiments.plots`.
+std over seeds; only scores computed with the spec's `task_limit` count), and runs whose results
+lack some of the tasks are listed under it (`task_missing`), with whether their model is here to
+compute them (a run imported from a results folder has none). The plots are drawn by
+`rmoe.experiments.plots`.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import numpy as np
 
 from ..formatting import fmt_number
 from .compare import choose_settings, compare_families, comparison_table, tuning_table
-from .evaluate import RESULTS_FILE
+from .evaluate import RESULTS_FILE, current_task_scores, missing_tasks, model_present
 from .plan import ArmRun, format_settings
 from .plots import plot_bpb_vs_depth, plot_loss_curves, plot_router_curves, plot_routing
 from .runner import STATUS_FILE, run_dir_of
-from .spec import ExperimentSpec
+from .spec import EvalSpec, ExperimentSpec
 from .stats import mean_std, paired_bootstrap, tost_verdict
 
 ROUTING_KEYS = (
@@ -161,8 +164,10 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
         for key in ROUTING_KEYS:
             vals = [d["results"]["routing"].get(key) for d in done if d["results"].get("routing")]
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(vals)
-        for key, task, metric in task_metric_keys(rows) if spec.eval.tasks else []:
-            vals = [(d["results"].get("tasks") or {}).get(task, {}).get(metric) for d in done]
+        for key, task, metric in task_metric_keys(rows, spec.eval) if spec.eval.tasks else []:
+            vals = [
+                current_task_scores(d["results"], spec.eval).get(task, {}).get(metric) for d in done
+            ]
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([v for v in vals if v is not None])
         arms.append(entry)
 
@@ -178,20 +183,62 @@ def aggregate(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> dict[str, Any
         "comparisons": compare_families(spec, rows, tuning),
     }
     if spec.eval.tasks:
-        out["task_metrics"] = [key for key, _, _ in task_metric_keys(rows)]
+        out["task_metrics"] = [key for key, _, _ in task_metric_keys(rows, spec.eval)]
     return out
 
 
-def task_metric_keys(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+def task_metric_keys(
+    rows: list[dict[str, Any]], ev: EvalSpec | None = None
+) -> list[tuple[str, str, str]]:
     """``(metric/task, task, metric)`` of every task metric in the runs' results (the
-    `tasks` of `arm_results.json`), in the order first seen; standard errors left out."""
+    `tasks` of `arm_results.json`; with `ev`, only scores computed at its `task_limit`), in
+    the order first seen; standard errors left out."""
     keys: dict[str, tuple[str, str, str]] = {}
     for row in rows:
-        for task, metrics in ((row.get("results") or {}).get("tasks") or {}).items():
+        results = row.get("results") or {}
+        scores = current_task_scores(results, ev) if ev else results.get("tasks") or {}
+        for task, metrics in scores.items():
             for metric in metrics:
                 if not metric.endswith("_stderr"):
                     keys.setdefault(f"{metric}/{task}", (f"{metric}/{task}", task, metric))
     return list(keys.values())
+
+
+def task_gaps(
+    spec: ExperimentSpec, runs: list[ArmRun], out_dir: str | Path, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The finished runs whose results lack some of the spec's tasks (`missing_tasks`):
+    ``{"run_id", "tasks": [...], "model": whether the run folder holds its model}``, in run
+    order; ``[]`` when the spec asks for no tasks."""
+    if not spec.eval.tasks:
+        return []
+    gaps = []
+    for run, row in zip(runs, rows):
+        missing = missing_tasks(row["results"], spec.eval) if row["results"] else []
+        if missing:
+            present = model_present(run_dir_of(out_dir, run))
+            gaps.append({"run_id": run.run_id, "tasks": missing, "model": present})
+    return gaps
+
+
+def _task_gap_lines(gaps: list[dict[str, Any]]) -> list[str]:
+    """The note under the per-arm table on the runs whose task scores are missing ("–")."""
+    reasons = {
+        False: "whose model is not here (e.g. results imported without checkpoints; retrain "
+        "them, or bring back their checkpoints, to compute them)",
+        True: "whose task evaluation did not finish (rerun the experiment to compute them)",
+    }
+    lines = []
+    for has_model, why in reasons.items():
+        runs = [
+            f"`{g['run_id']}` ({', '.join(g['tasks'])})" for g in gaps if g["model"] == has_model
+        ]
+        if runs:
+            lines += [
+                f"Task scores missing (–) for {len(runs)} run(s) {why}: {'; '.join(runs)}.",
+                "",
+            ]
+    return lines
 
 
 def _paired(
@@ -405,7 +452,7 @@ def _arms_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
             "the choice's length in bytes; `rmoe.integrations.lm_eval`), mean ± std over seeds.",
             "",
         ]
-    return lines
+    return lines + _task_gap_lines(agg.get("task_missing") or [])
 
 
 def _paired_table(spec: ExperimentSpec, agg: dict[str, Any]) -> list[str]:
@@ -472,6 +519,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     rows = load_run_results(out, runs)
     agg = aggregate(spec, rows)
+    gaps = task_gaps(spec, runs, out, rows)
+    if gaps:
+        agg["task_missing"] = gaps
     machine = machine_info()
     plots = []
     if any(r["results"] for r in rows):

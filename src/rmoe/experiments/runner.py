@@ -5,13 +5,22 @@ TrainConfig), `train.log` (the subprocess's output), the trainer's run directory
 when done, `arm_results.json` from `rmoe.experiments.evaluate`. A run is
 
 * `done`      when its newest checkpoint is at max_steps (or training ended on the wall-clock
-              limit) and `arm_results.json` exists: it is skipped;
+              limit) and `arm_results.json` exists: it is skipped (but see Task scores);
 * `evaluate`  when training finished but the evaluation did not;
 * `resume`    when it has a checkpoint before max_steps: `rmoe train ... --resume` continues it;
 * `new`       otherwise.
 
 Training is `python -m rmoe.cli.main train arm.yaml --out DIR [--resume] --no-progress`;
 evaluation is `python -m rmoe.experiments.evaluate DIR`. Up to `workers` runs proceed at once.
+
+Task scores. When the spec's `eval.tasks` asks for lm-evaluation-harness tasks that a finished
+(or imported) run's results lack (`missing_tasks`: tasks added to the spec later, or computed
+with another `task_limit`), only those are evaluated, `python -m rmoe.experiments.evaluate DIR
+--tasks-only`, with no retraining and no change to the bits/byte results; the outcome is
+`tasks`. That needs the run's model: a run imported from a results folder has none (no
+checkpoints are committed), so a warning names the tasks that need it, the outcome's message
+says so, and the report lists the run; its task columns stay "–". Specs without `eval.tasks`
+never look at task scores.
 
 Committed results. With a results folder (the spec's `results:` or `--results`), every run that
 reaches `done` copies its small files (`RESULT_FILES`: arm config, summary, evaluation results,
@@ -36,10 +45,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .evaluate import RESULTS_FILE, checkpoint_step
+from .evaluate import RESULTS_FILE, checkpoint_step, missing_tasks, model_present
 from .plan import ArmRun
 from .spec import EvalSpec
 
@@ -57,10 +67,12 @@ class RunOutcome:
     Attributes:
         run_id: the run.
         action: `skipped` (already done), `imported` (done from a results folder), `trained`,
-            `resumed`, `evaluated` (training was done) or `failed`.
+            `resumed`, `evaluated` (training was done), `tasks` (done; only the task scores its
+            results lacked were computed) or `failed`.
         returncode: exit status of the failing subprocess (0 otherwise).
         seconds: wall-clock seconds spent on the run in this invocation.
-        message: the last lines of the log for a failure.
+        message: the last lines of the log for a failure; for a skipped or imported run whose
+            task scores need a model that is not here, which tasks.
     """
 
     run_id: str
@@ -225,20 +237,78 @@ def execute_run(
     results_dir: str | Path | None = None,
 ) -> RunOutcome:
     """Bring one run to `done`: import committed results, or train (new or resumed) and
-    evaluate as needed; a run that ends `done` is exported to `results_dir` (if given)."""
+    evaluate as needed, then add the task scores a done run lacks (see Task scores in the
+    module doc); a run trained, evaluated or given task scores here is exported to
+    `results_dir` (if given)."""
     t0 = time.perf_counter()
     run_dir = run_dir_of(out_dir, run)
     set_aside_if_changed(run, run_dir)
     state = run_state(run, run_dir)
     if state == "done":
-        return RunOutcome(run.run_id, "skipped")
-    if results_dir is not None and state == "new" and import_results(run, run_dir, results_dir):
-        return RunOutcome(run.run_id, "imported")
-    outcome = _train_and_evaluate(run, run_dir, state, ev, threads, children, python)
+        outcome = _complete_tasks(run, run_dir, ev, "skipped", threads, children, python)
+    elif results_dir is not None and state == "new" and import_results(run, run_dir, results_dir):
+        outcome = _complete_tasks(run, run_dir, ev, "imported", threads, children, python)
+    else:
+        outcome = _train_and_evaluate(run, run_dir, state, ev, threads, children, python)
+    if outcome.action in ("skipped", "imported"):
+        return outcome
     if results_dir is not None and outcome.action != "failed":
         export_results(run_dir, Path(results_dir))
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+def _read_results(run_dir: Path) -> dict[str, Any] | None:
+    """The run's `arm_results.json`, or None when it is missing or unreadable."""
+    try:
+        return json.loads((run_dir / RESULTS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _complete_tasks(
+    run: ArmRun,
+    run_dir: Path,
+    ev: EvalSpec,
+    action: str,
+    threads: int,
+    children: _Children | None,
+    python: str | None,
+) -> RunOutcome:
+    """A done run (`action`: skipped or imported) given the task scores its results lack when
+    its model is here (outcome `tasks`, or `failed`); without the model, `action` with a
+    warning and a message naming the tasks that need it. A spec without tasks returns
+    `action` at once."""
+    missing = missing_tasks(_read_results(run_dir), ev) if ev.tasks else []
+    if not missing:
+        return RunOutcome(run.run_id, action)
+    if not model_present(run_dir):
+        source = "imported without checkpoints" if action == "imported" else "no model"
+        message = (
+            f"task scores for {', '.join(missing)} need the model, which {run_dir} does not "
+            f"hold ({source}); their columns stay '–' until the run is retrained or its "
+            "checkpoints are brought back"
+        )
+        log.warning("%s: %s", run.run_id, message)
+        return RunOutcome(run.run_id, action, message=message)
+    log.info("%s: done; evaluating only the tasks its results lack: %s", run.run_id, missing)
+    t0 = time.perf_counter()
+    log_path = run_dir / "train.log"
+    cmd = [python or sys.executable, "-m", "rmoe.experiments.evaluate", str(run_dir)]
+    cmd += ["--tasks-only", "--eval-json", json.dumps(asdict(ev))]
+    rc = (children or _Children()).run(cmd, log_path, _child_env(threads))
+    if rc != 0:
+        return RunOutcome(run.run_id, "failed", rc, time.perf_counter() - t0, _tail(log_path))
+    return RunOutcome(run.run_id, "tasks")
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    """The environment of a run's subprocesses: torch threads and no tokenizer parallelism."""
+    env = dict(os.environ)
+    if threads > 0:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
 
 
 def _train_and_evaluate(
@@ -256,10 +326,7 @@ def _train_and_evaluate(
     python = python or sys.executable
     cfg_path = write_arm_config(run, run_dir, threads)
     log_path = run_dir / "train.log"
-    env = dict(os.environ)
-    if threads > 0:
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = _child_env(threads)
     action = "evaluated"
     if state in ("new", "resume"):
         if state == "new":
