@@ -16,11 +16,12 @@ then, in Python (no trust_remote_code):
 Only models with a linear router (router_type linear, random or shared) can be exported: no
 native transformers architecture has RMoE's cross-layer recurrent router. Options a target
 cannot represent (router bias, sigmoid scores, expert bias, router_scale, dense layers or shared
-experts for Mixtral, ...) are refused with the field named.
+experts for Mixtral, no q/k norm for Qwen3-MoE / OLMoE, ...) are refused with the field named.
+`rmoe import` reads such checkpoints back (the same tables, read the other way).
 """
 
 
-TARGETS = ("mixtral", "qwen2_moe", "qwen3_moe")
+TARGETS = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 """`rmoe.integrations.families.FAMILIES` (spelled here so `rmoe --help` does not import torch)."""
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 """`rmoe.runtime.DTYPES` (same reason; a test checks both lists)."""
@@ -29,7 +30,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
-        help="write a linear-router run as a Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint",
+        help="write a linear-router run as a Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE checkpoint",
         description="Write a run or saved model as a native transformers checkpoint\n"
         "(config.json, model.safetensors, generation_config.json and the run's tokenizer)\n"
         "that the target's own classes load, with the same logits.",

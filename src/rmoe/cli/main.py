@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "experiment": "rmoe.cli.experiment",
     "bench": "rmoe.cli.bench",
     "export": "rmoe.cli.export",
+    "import": "rmoe.cli.import_hf",
+    "upcycle": "rmoe.cli.upcycle",
 }
 
 

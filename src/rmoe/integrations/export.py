@@ -1,5 +1,5 @@
-"""Write a linear-router rmoe model as a native transformers checkpoint (Mixtral, Qwen2-MoE,
-Qwen3-MoE) that loads with the target's own classes, without ``trust_remote_code``.
+"""Write a linear-router rmoe model as a native transformers checkpoint (Mixtral, OLMoE,
+Qwen2-MoE, Qwen3-MoE) that loads with the target's own classes, without ``trust_remote_code``.
 
 The names, layouts and config fields come from the tables of
 :mod:`rmoe.integrations.families`; this module only walks them rmoe -> HF:
@@ -167,8 +167,9 @@ def hf_state_dict(
     return out
 
 
-def _write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a fresh folder next to `out`, then rename it to `out`.
+def write_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a fresh folder next to `out`, then rename it to `out` (the
+    one way `rmoe export`, `import` and `upcycle` write their output folder).
 
     Raises:
         FileExistsError: `out` is a non-empty folder and not `force`.
@@ -209,7 +210,7 @@ def export_model(
 
     Args:
         model: the rmoe model; its weights are written in their current dtype.
-        family: ``mixtral``, ``qwen2_moe`` or ``qwen3_moe`` (or a `Family`).
+        family: ``mixtral``, ``olmoe``, ``qwen2_moe`` or ``qwen3_moe`` (or a `Family`).
         out: the destination folder (must not exist or be empty, unless `force`).
         tokenizer: an `rmoe.data.Tokenizer` to save with the weights, or None.
         force: replace an existing non-empty `out`.
@@ -235,7 +236,7 @@ def export_model(
             tokenizer.save(tmp)
 
     out = Path(out).expanduser()
-    _write_atomically(out, force, write)
+    write_atomically(out, force, write)
     files = sorted(p.name for p in out.iterdir())
     return ExportResult(out, family.name, family.model_class, files, notes + list(family.notes))
 

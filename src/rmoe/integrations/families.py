@@ -1,21 +1,29 @@
 """rmoe <-> transformers MoE families: parameter names, tensor layouts and config fields as tables.
 
-One `Family` per target architecture (Mixtral, Qwen2-MoE, Qwen3-MoE), each a declarative table
-read in both directions: `rmoe export` (:mod:`rmoe.integrations.export`) walks it rmoe -> HF,
-and the planned `rmoe import` walks the same rows HF -> rmoe. Nothing else in rmoe spells a
+One `Family` per MoE architecture (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE), each a declarative
+table read in both directions: `rmoe export` (:mod:`rmoe.integrations.export`) walks it
+rmoe -> HF, `rmoe import` (:mod:`rmoe.integrations.importing`) walks the same rows HF -> rmoe.
+The dense families (`DENSE_FAMILIES`: Llama, Mistral, Qwen2, Qwen3) are tables of the same
+kind that `rmoe upcycle` (:mod:`rmoe.integrations.upcycle`) reads HF -> rmoe, every layer a
+dense layer. The table types and their expansion are in :mod:`rmoe.integrations.tables`. Nothing else in rmoe spells a
 transformers parameter or config name of these families.
 
 A family holds
 
 * ``fields``: HF config field <- rmoe config field, the same value both ways;
-* ``constants``: HF config fields fixed by rmoe's architecture (SwiGLU = ``silu``, no sliding
-  window, ...); an import checks the HF value equals the constant;
+* ``constants``: HF config fields fixed by rmoe's architecture (SwiGLU = ``silu``, ...); an
+  import checks the HF value equals the constant, unless ``accepts`` judges the field;
 * ``derived``: HF config fields computed from rmoe fields, each with its inverse (`Derived`);
+* ``accepts``: HF fields rmoe has no field for, judged on import by a function (`Accept`):
+  a sliding window no longer than the context is no window at all, ``decoder_sparse_step``
+  becomes dense layers, ...;
+* ``implied``: rmoe settings the architecture always has (Qwen3's per-head q/k norm, Qwen2's
+  q/k/v biases, Qwen2-MoE's gated shared expert), set on import;
 * ``requirements``: rmoe settings the family must have (`Requirement`); export raises a
   ValueError naming the field and what would be needed, for the first one not met;
 * ``tensors``: `TensorRule` rows, rmoe state-dict key template <-> HF key template, with where
-  the row applies (every layer, MoE layers, dense layers, once), its `Layout` and an optional
-  condition on the model (``when``).
+  the row applies (every layer, MoE layers, dense layers, once), its `Layout` and conditions
+  on the model's flags (``when``).
 
 Key templates use ``{i}`` for the layer index and ``{e}`` for the expert index. The HF names
 are those transformers' own ``save_pretrained`` writes (the Hub layout: one 2-D tensor per
@@ -29,141 +37,42 @@ KV = key/value heads * head_dim.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-import torch
+from .tables import (
+    PER_EXPERT,
+    SAME,
+    Accept,
+    Derived,
+    Entry,
+    Family,
+    Layout,
+    PerExpert,
+    Plan,
+    Requirement,
+    Same,
+    Scaled,
+    TensorRule,
+    Zeros,
+    applies,
+    expand,
+    flags_of,
+    hf_moe_layers,
+    plan_from_hf,
+    plan_from_rmoe,
+    rmoe_setting,
+    settings_from_hf,
+)
 
-# ----------------------------------------------------------------------------------------------
-# Layouts: how one rmoe tensor becomes HF tensors, and back
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Same:
-    """The tensor is the same on both sides."""
-
-    def to_hf(self, t: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
-        return [t]
-
-    def to_rmoe(self, ts: list[torch.Tensor]) -> torch.Tensor:
-        return ts[0]
-
-
-@dataclass(frozen=True)
-class PerExpert:
-    """rmoe's 3-D expert weight [E, a, b] <-> E HF tensors [a, b] (``{e}`` in the HF key).
-    Both sides use nn.Linear's [out, in] layout per expert."""
-
-    def to_hf(self, t: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
-        if t.dim() != 3 or t.shape[0] != num_experts:
-            raise ValueError(f"expected an [E={num_experts}, ...] expert weight, got {t.shape}")
-        return list(t.unbind(0))
-
-    def to_rmoe(self, ts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(ts, 0)
-
-
-@dataclass(frozen=True)
-class Scaled:
-    """HF tensor = factor * rmoe tensor (compensates a fixed factor the HF forward applies)."""
-
-    factor: float
-
-    def to_hf(self, t: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
-        return [t * self.factor]
-
-    def to_rmoe(self, ts: list[torch.Tensor]) -> torch.Tensor:
-        return ts[0] / self.factor
-
-
-@dataclass(frozen=True)
-class Zeros:
-    """An HF-only tensor, written as zeros of the symbolic `shape` (names in `Plan.dims`).
-
-    rmoe has no counterpart: export writes zeros, which make the HF computation equal to
-    rmoe's; an import can take the HF model exactly only where this tensor is all zeros."""
-
-    shape: tuple[str, ...]
-
-    def zeros(self, dims: Mapping[str, int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros([dims[s] for s in self.shape], dtype=dtype)
-
-
-Layout = Same | PerExpert | Scaled | Zeros
-SAME, PER_EXPERT = Same(), PerExpert()
-
-# ----------------------------------------------------------------------------------------------
-# Tables
-# ----------------------------------------------------------------------------------------------
-WHERE = ("once", "layer", "moe", "dense")
-"""Where a tensor row applies: once per model, every layer, MoE layers only, dense layers only."""
-
-
-@dataclass(frozen=True)
-class TensorRule:
-    """One row of a family's tensor table.
-
-    Attributes:
-        rmoe: the rmoe state-dict key template (``{i}`` = layer), or None for an HF-only tensor
-            (its layout is then `Zeros`).
-        hf: the HF key template (``{i}`` = layer, ``{e}`` = expert for `PerExpert`).
-        where: one of `WHERE`.
-        layout: `Same`, `PerExpert`, `Scaled` or `Zeros`.
-        when: (flag, value): the row applies only when `Plan.flags[flag] == value`.
-        note: why the row is what it is, when that is not obvious.
-    """
-
-    rmoe: str | None
-    hf: str
-    where: str = "layer"
-    layout: Layout = SAME
-    when: tuple[str, bool] | None = None
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """An rmoe setting a family needs: `ok(config)` must hold, else export raises a
-    ValueError with ``field=value`` and `need` (formatted with ``c`` = the rmoe config, so
-    ``{c.hidden_size}`` shows the model's value)."""
-
-    field: str
-    ok: Callable[[Any], bool]
-    need: str
-
-
-@dataclass(frozen=True)
-class Derived:
-    """An HF config field computed from rmoe fields: `to_hf(rmoe_config) -> value` and its
-    inverse `to_rmoe(value) -> {rmoe field: value}`."""
-
-    to_hf: Callable[[Any], Any]
-    to_rmoe: Callable[[Any], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Family:
-    """A transformers MoE architecture as a two-way table (see the module docstring)."""
-
-    name: str
-    config_class: str
-    model_class: str
-    fields: Mapping[str, str]
-    constants: Mapping[str, Any]
-    derived: Mapping[str, Derived]
-    requirements: tuple[Requirement, ...]
-    tensors: tuple[TensorRule, ...]
-    notes: tuple[str, ...] = field(default=())
-
-    def hf_field(self, rmoe_field: str) -> str:
-        """The HF config field that carries `rmoe_field` in this family."""
-        for hf, rm in self.fields.items():
-            if rm == rmoe_field:
-                return hf
-        raise KeyError(f"{self.name} has no config field for rmoe's {rmoe_field!r}")
+__all__ = [
+    "DENSE_FAMILIES", "FAMILIES", "LINEAR_ROUTERS", "ROUTER_KEY", "TRAINING_ONLY", "BASE_INERT", "Accept",
+    "Derived", "Entry", "Family", "Layout", "PerExpert", "Plan", "Requirement", "Same",
+    "Scaled", "TensorRule", "Zeros", "applies", "expand", "flags_of", "get_family",
+    "hf_moe_layers", "plan_from_hf", "plan_from_rmoe", "rmoe_setting", "settings_from_hf",
+    "unmet_requirement", "PER_EXPERT", "SAME",
+]  # fmt: skip
 
 
 LINEAR_ROUTERS: Mapping[str, str | None] = MappingProxyType(
@@ -190,10 +99,32 @@ TRAINING_ONLY: Mapping[str, tuple[Any, str]] = MappingProxyType(
 """rmoe fields that change training but not the model's function: export drops them, with a
 note when they are not at the inert value given here."""
 
+BASE_INERT = frozenset(
+    {
+        "transformers_version",
+        "architectures",
+        "output_hidden_states",
+        "return_dict",
+        "dtype",
+        "torch_dtype",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "model_type",
+        "_name_or_path",
+    }
+)
+"""HF config fields of every model that do not change a causal LM's function."""
+
+# ----------------------------------------------------------------------------------------------
+# Tensor rows
+# ----------------------------------------------------------------------------------------------
 _ATTENTION: tuple[TensorRule, ...] = (
     TensorRule("model.embed_tokens.weight", "model.embed_tokens.weight", "once"),
     TensorRule("model.norm.weight", "model.norm.weight", "once"),
-    TensorRule("lm_head.weight", "lm_head.weight", "once", when=("tied", False)),
+    TensorRule("lm_head.weight", "lm_head.weight", "once", when=(("tied", False),)),
     TensorRule("model.layers.{i}.input_norm.weight", "model.layers.{i}.input_layernorm.weight"),
     TensorRule(
         "model.layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"
@@ -204,6 +135,36 @@ _ATTENTION: tuple[TensorRule, ...] = (
         )
         for p in ("q_proj", "k_proj", "v_proj", "o_proj")
     ),
+)
+
+
+def _bias_rows(projections: tuple[str, ...], zeros_when_off: bool) -> tuple[TensorRule, ...]:
+    """Attention biases: rmoe ``attn.{p}.bias`` <-> ``self_attn.{p}.bias`` when the model has
+    them (flag ``attn_bias``, ``attn_out_bias`` for o_proj); with `zeros_when_off` a model
+    without them is written with zero biases (for architectures whose biases always exist)."""
+    dims = {"q_proj": "Q", "k_proj": "KV", "v_proj": "KV", "o_proj": "D"}
+    rows = []
+    for p in projections:
+        flag = "attn_out_bias" if p == "o_proj" else "attn_bias"
+        hf = f"model.layers.{{i}}.self_attn.{p}.bias"
+        rows.append(TensorRule(f"model.layers.{{i}}.attn.{p}.bias", hf, when=((flag, True),)))
+        if zeros_when_off:
+            rows.append(TensorRule(None, hf, "layer", Zeros((dims[p],)), when=((flag, False),)))
+    return tuple(rows)
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_QKVO = (*_QKV, "o_proj")
+
+_QK_NORM: tuple[TensorRule, ...] = tuple(
+    TensorRule(
+        f"model.layers.{{i}}.attn.{p}.weight",
+        f"model.layers.{{i}}.self_attn.{p}.weight",
+        when=(("qk_norm", True),),
+        note="RMSNorm on queries / keys: per head [head_dim] (Qwen3) or over the whole "
+        "projection [Q] / [KV] (OLMoE)",
+    )
+    for p in ("q_norm", "k_norm")
 )
 
 
@@ -228,27 +189,38 @@ _DENSE: tuple[TensorRule, ...] = tuple(
     for p in ("gate_proj", "up_proj", "down_proj")
 )
 
+_SHARED_ON = (("shared_experts", True),)
 _QWEN2_SHARED: tuple[TensorRule, ...] = (
-    TensorRule(
-        "model.layers.{i}.moe.shared_experts.gate_proj.weight",
-        "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
-        "moe",
-        when=("shared_experts", True),
+    *(
+        TensorRule(
+            f"model.layers.{{i}}.moe.shared_experts.{p}.weight",
+            f"model.layers.{{i}}.mlp.shared_expert.{p}.weight",
+            "moe",
+            when=_SHARED_ON,
+        )
+        for p in ("gate_proj", "up_proj")
     ),
     TensorRule(
-        "model.layers.{i}.moe.shared_experts.up_proj.weight",
-        "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+        "model.layers.{i}.moe.shared_experts.down_proj.weight",
+        "model.layers.{i}.mlp.shared_expert.down_proj.weight",
         "moe",
-        when=("shared_experts", True),
+        when=(("shared_gate", True),),
+    ),
+    TensorRule(
+        "model.layers.{i}.moe.shared_expert_gate.weight",
+        "model.layers.{i}.mlp.shared_expert_gate.weight",
+        "moe",
+        when=(("shared_gate", True),),
+        note="rmoe's shared_expert_gate: sigmoid(w x) times the shared experts, as Qwen2-MoE",
     ),
     TensorRule(
         "model.layers.{i}.moe.shared_experts.down_proj.weight",
         "model.layers.{i}.mlp.shared_expert.down_proj.weight",
         "moe",
         Scaled(2.0),
-        when=("shared_experts", True),
-        note="Qwen2-MoE multiplies the shared expert by sigmoid(shared_expert_gate x) = 0.5 "
-        "for the zero gate; 2 * 0.5 = 1 exactly in floating point",
+        when=(*_SHARED_ON, ("shared_gate", False)),
+        note="ungated rmoe shared experts: Qwen2-MoE multiplies the shared expert by "
+        "sigmoid(shared_expert_gate x) = 0.5 for the zero gate; 2 * 0.5 = 1 exactly",
     ),
     *(
         TensorRule(
@@ -256,7 +228,7 @@ _QWEN2_SHARED: tuple[TensorRule, ...] = (
             f"model.layers.{{i}}.mlp.shared_expert.{p}.weight",
             "moe",
             Zeros(shape),
-            when=("shared_experts", False),
+            when=(("shared_experts", False),),
             note="no shared experts in rmoe: a width-1 shared expert of zeros adds exactly 0",
         )
         for p, shape in (
@@ -270,29 +242,15 @@ _QWEN2_SHARED: tuple[TensorRule, ...] = (
         "model.layers.{i}.mlp.shared_expert_gate.weight",
         "moe",
         Zeros(("1", "D")),
-        note="rmoe adds its shared experts ungated; a zero gate weight gives sigmoid(0) = 0.5",
+        when=(("shared_gate", False),),
+        note="rmoe shared experts without a gate: a zero gate weight gives sigmoid(0) = 0.5",
     ),
-)
-
-_QKV_BIAS: tuple[TensorRule, ...] = tuple(
-    TensorRule(None, f"model.layers.{{i}}.self_attn.{p}.bias", "layer", Zeros((dim,)))
-    for p, dim in (("q_proj", "Q"), ("k_proj", "KV"), ("v_proj", "KV"))
-)
-
-_QK_NORM: tuple[TensorRule, ...] = tuple(
-    TensorRule(
-        f"model.layers.{{i}}.attn.{p}.weight",
-        f"model.layers.{{i}}.self_attn.{p}.weight",
-        when=("qk_norm", True),
-        note="per-head RMSNorm [head_dim] on queries / keys; rmoe has none yet",
-    )
-    for p in ("q_norm", "k_norm")
 )
 
 # ----------------------------------------------------------------------------------------------
 # Requirements: what a target cannot represent
 # ----------------------------------------------------------------------------------------------
-_TARGETS = "mixtral, qwen2_moe or qwen3_moe"
+_TARGETS = "mixtral, olmoe, qwen2_moe or qwen3_moe"
 
 
 def _router_need(config: Any) -> str:
@@ -351,54 +309,90 @@ COMMON_REQUIREMENTS: tuple[Requirement, ...] = (
 )
 """What every target needs (checked before the family's own requirements)."""
 
-_NO_QK_NORM = Requirement(
-    "qk_norm",
-    lambda c: not getattr(c, "qk_norm", False),
-    "this family has no per-head q/k RMSNorm; use --to qwen3_moe",
+
+def _qk_norm_is(kind: str, need: str) -> Requirement:
+    return Requirement("qk_norm", lambda c: rmoe_setting(c, "qk_norm") == kind, need)
+
+
+_NO_QK_NORM = _qk_norm_is(
+    "none",
+    "this family has no q/k RMSNorm; use --to qwen3_moe (per-head norm, qk_norm head) or "
+    "--to olmoe (norm over the whole projection, qk_norm proj)",
 )
 _NO_SHARED = "has no shared experts; needs num_shared_experts 0 (qwen2_moe has a shared expert)"
+_NO_DENSE = "has an MoE block in every layer; needs mlp_only_layers [] (qwen2_moe and qwen3_moe "
+_NO_DENSE += "have dense layers)"
+_HEAD_DIM = Requirement(
+    "head_dim",
+    lambda c: c.head_dim * c.num_attention_heads == c.hidden_size,
+    "this family derives head_dim = hidden_size // num_attention_heads (transformers 4 and "
+    "other runtimes ignore a head_dim field); needs head_dim == hidden_size // "
+    "num_attention_heads = {c.hidden_size} // {c.num_attention_heads} (mixtral and "
+    "qwen3_moe carry head_dim)",
+)
+_SAME_BIASES = Requirement(
+    "attention_out_bias",
+    lambda c: rmoe_setting(c, "attention_bias") == rmoe_setting(c, "attention_out_bias"),
+    "this family's attention_bias puts biases on all four projections (q, k, v and o) or on "
+    "none; needs attention_out_bias == attention_bias",
+)
 
 MIXTRAL_REQUIREMENTS: tuple[Requirement, ...] = (
-    Requirement(
-        "mlp_only_layers",
-        lambda c: not c.mlp_only_layers,
-        "Mixtral has an MoE block in every layer; needs mlp_only_layers [] (qwen2_moe and "
-        "qwen3_moe have dense layers)",
-    ),
+    Requirement("mlp_only_layers", lambda c: not c.mlp_only_layers, "Mixtral " + _NO_DENSE),
     Requirement(
         "norm_topk_prob",
         lambda c: bool(c.norm_topk_prob),
         "Mixtral always renormalises the top-k probabilities; needs norm_topk_prob true "
-        "(qwen2_moe and qwen3_moe have the option)",
+        "(olmoe, qwen2_moe and qwen3_moe have the option)",
     ),
     Requirement("num_shared_experts", lambda c: c.num_shared_experts == 0, "Mixtral " + _NO_SHARED),
     _NO_QK_NORM,
+    Requirement(
+        "attention_bias",
+        lambda c: not rmoe_setting(c, "attention_bias"),
+        "Mixtral's attention has no biases; needs attention_bias false (qwen2_moe has q/k/v "
+        "biases; olmoe and qwen3_moe biases on all four projections)",
+    ),
+    Requirement(
+        "attention_out_bias",
+        lambda c: not rmoe_setting(c, "attention_out_bias"),
+        "Mixtral's attention has no biases; needs attention_out_bias false",
+    ),
+)
+
+OLMOE_REQUIREMENTS: tuple[Requirement, ...] = (
+    _qk_norm_is(
+        "proj",
+        "OLMoE always applies an RMSNorm over the whole q and k projections (self_attn.q_norm "
+        "[hidden_size], k_norm); needs qk_norm proj (--to qwen3_moe takes qk_norm head)",
+    ),
+    _HEAD_DIM,
+    Requirement("mlp_only_layers", lambda c: not c.mlp_only_layers, "OLMoE " + _NO_DENSE),
+    Requirement("num_shared_experts", lambda c: c.num_shared_experts == 0, "OLMoE " + _NO_SHARED),
+    _SAME_BIASES,
 )
 
 QWEN2_REQUIREMENTS: tuple[Requirement, ...] = (
-    Requirement(
-        "head_dim",
-        lambda c: c.head_dim * c.num_attention_heads == c.hidden_size,
-        "Qwen2-MoE derives head_dim = hidden_size // num_attention_heads (transformers 4 and "
-        "other runtimes ignore a head_dim field); needs head_dim == hidden_size // "
-        "num_attention_heads = {c.hidden_size} // {c.num_attention_heads} (mixtral and "
-        "qwen3_moe carry head_dim)",
-    ),
+    _HEAD_DIM,
     _NO_QK_NORM,
+    Requirement(
+        "attention_out_bias",
+        lambda c: not rmoe_setting(c, "attention_out_bias"),
+        "Qwen2-MoE has q/k/v biases but none on o_proj; needs attention_out_bias false",
+    ),
 )
 
 QWEN3_REQUIREMENTS: tuple[Requirement, ...] = (
-    Requirement(
-        "qk_norm",
-        lambda c: bool(getattr(c, "qk_norm", False)),
+    _qk_norm_is(
+        "head",
         "Qwen3-MoE always applies a per-head RMSNorm to queries and keys (self_attn.q_norm, "
         "k_norm), which no weights can make the identity, and this rmoe model has no per-head "
-        "q/k norm (an architecture option planned with `rmoe import`); export it with --to "
-        "qwen2_moe or --to mixtral instead",
+        "q/k norm (qk_norm head); export it with --to qwen2_moe or --to mixtral instead",
     ),
     Requirement(
         "num_shared_experts", lambda c: c.num_shared_experts == 0, "Qwen3-MoE " + _NO_SHARED
     ),
+    _SAME_BIASES,
 )
 
 
@@ -419,7 +413,7 @@ def unmet_requirement(family: Family, config: Any) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # Config tables
 # ----------------------------------------------------------------------------------------------
-_COMMON_FIELDS: dict[str, str] = {
+_BASE_FIELDS: dict[str, str] = {
     name: name
     for name in (
         "vocab_size",
@@ -432,31 +426,124 @@ _COMMON_FIELDS: dict[str, str] = {
         "attention_dropout",
         "initializer_range",
         "tie_word_embeddings",
-        "num_experts_per_tok",
-        "router_aux_loss_coef",
-        "output_router_logits",
         "use_cache",
         "pad_token_id",
         "bos_token_id",
         "eos_token_id",
     )
 }
+_COMMON_FIELDS: dict[str, str] = {
+    **_BASE_FIELDS,
+    **{n: n for n in ("num_experts_per_tok", "router_aux_loss_coef", "output_router_logits")},
+}
 _QWEN_FIELDS: dict[str, str] = {
     **_COMMON_FIELDS,
-    "intermediate_size": "intermediate_size",
-    "moe_intermediate_size": "moe_intermediate_size",
-    "num_experts": "num_experts",
-    "norm_topk_prob": "norm_topk_prob",
-    "mlp_only_layers": "mlp_only_layers",
+    **{
+        n: n
+        for n in (
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_experts",
+            "norm_topk_prob",
+            "mlp_only_layers",
+        )
+    },
 }
-_ROPE = Derived(
-    to_hf=lambda c: {"rope_type": "default", "rope_theta": float(c.rope_theta)},
-    to_rmoe=lambda v: {"rope_theta": v["rope_theta"]},
-)
+_DENSE_FIELDS = {**_BASE_FIELDS, "intermediate_size": "intermediate_size"}
+
+
+def _rope_to_hf(c: Any) -> dict[str, Any]:
+    scaling = dict(rmoe_setting(c, "rope_scaling") or {})
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    return {"rope_type": "default", **scaling, "rope_theta": float(c.rope_theta)}
+
+
+def _rope_to_rmoe(value: Mapping[str, Any]) -> dict[str, Any]:
+    value = dict(value or {})
+    legacy = value.pop("type", None)  # transformers 4's rope_scaling spelling
+    kind = value.pop("rope_type", None) or legacy or "default"
+    theta = value.pop("rope_theta", 10000.0)
+    if value.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(
+            f"rope_parameters: partial_rotary_factor={value['partial_rotary_factor']} (RoPE on "
+            "part of each head) changes the model and rmoe rotates whole heads"
+        )
+    value.pop("partial_rotary_factor", None)
+    if kind == "default":
+        return {"rope_theta": theta}
+    return {"rope_theta": theta, "rope_scaling": {"rope_type": kind, **value}}
+
+
+_ROPE = Derived(to_hf=_rope_to_hf, to_rmoe=_rope_to_rmoe)
 _QWEN2_SHARED_WIDTH = Derived(
     to_hf=lambda c: c.num_shared_experts * c.shared_expert_intermediate_size or 1,
     to_rmoe=lambda v: {"num_shared_experts": 1, "shared_expert_intermediate_size": v},
 )
+_ALL_BIASES = Derived(
+    to_hf=lambda c: bool(rmoe_setting(c, "attention_bias")),
+    to_rmoe=lambda v: {"attention_bias": bool(v), "attention_out_bias": bool(v)},
+)
+_QKV_BIASES = Derived(
+    to_hf=lambda c: True,  # transformers 4 has no qkv_bias: the biases always exist there
+    to_rmoe=lambda v: {"attention_bias": bool(v)},
+)
+
+
+def _sliding_problem(c: Any) -> str | None:
+    """Why a sliding window changes the model (None: no layer uses one, or it is at least
+    as long as max_position_embeddings, which makes it full attention)."""
+    window = getattr(c, "sliding_window", None)
+    types = getattr(c, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    if types is None and getattr(c, "use_sliding_window", True) is False:
+        return None
+    if not window or window >= c.max_position_embeddings:
+        return None
+    return (
+        f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+        f"{c.max_position_embeddings}): rmoe attends to the whole context. Import it only if "
+        f"you will use sequences of at most {window} tokens, after setting sliding_window to "
+        "null (or use_sliding_window false) in config.json"
+    )
+
+
+_SLIDING = Accept(_sliding_problem)
+_SLIDING_FIELDS = {
+    n: _SLIDING
+    for n in ("sliding_window", "use_sliding_window", "layer_types", "max_window_layers")
+}
+_SPARSE_STEP = Accept(
+    problem=lambda c: None,
+    note=lambda c: (
+        None
+        if (getattr(c, "decoder_sparse_step", 1) or 1) == 1
+        else f"decoder_sparse_step={c.decoder_sparse_step}: the layers off the step are dense "
+        "layers (mlp_only_layers)"
+    ),
+)
+_JITTER = Accept(
+    problem=lambda c: None,
+    note=lambda c: (
+        None
+        if not getattr(c, "router_jitter_noise", 0.0)
+        else f"router_jitter_noise={c.router_jitter_noise} (training only) is not carried; set "
+        "model.router_jitter to train with jitter on the router input"
+    ),
+)
+_CLIP_QKV = Accept(
+    lambda c: (
+        None
+        if getattr(c, "clip_qkv", None) is None
+        else f"clip_qkv={c.clip_qkv}: rmoe does not clamp queries, keys and values"
+    )
+)
+
+# ----------------------------------------------------------------------------------------------
+# The MoE families
+# ----------------------------------------------------------------------------------------------
+_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 MIXTRAL = Family(
     name="mixtral",
@@ -476,6 +563,32 @@ MIXTRAL = Family(
     derived=MappingProxyType({"rope_parameters": _ROPE}),
     requirements=MIXTRAL_REQUIREMENTS,
     tensors=(*_ATTENTION, *_moe_rows("block_sparse_moe", "gate", ("w1", "w3", "w2"))),
+    accepts=MappingProxyType({"sliding_window": _SLIDING, "router_jitter_noise": _JITTER}),
+)
+
+OLMOE = Family(
+    name="olmoe",
+    config_class="OlmoeConfig",
+    model_class="OlmoeForCausalLM",
+    fields=MappingProxyType(
+        {
+            **_COMMON_FIELDS,
+            "intermediate_size": "moe_intermediate_size",
+            "num_experts": "num_experts",
+            "norm_topk_prob": "norm_topk_prob",
+        }
+    ),
+    constants=MappingProxyType({"hidden_act": "silu", "clip_qkv": None}),
+    derived=MappingProxyType({"rope_parameters": _ROPE, "attention_bias": _ALL_BIASES}),
+    requirements=OLMOE_REQUIREMENTS,
+    tensors=(
+        *_ATTENTION,
+        *_bias_rows(_QKVO, zeros_when_off=False),
+        *_QK_NORM,
+        *_moe_rows("mlp", "gate", _EXPERT_NAMES),
+    ),
+    accepts=MappingProxyType({"clip_qkv": _CLIP_QKV}),
+    implied=MappingProxyType({"qk_norm": "proj"}),
 )
 
 QWEN2_MOE = Family(
@@ -484,29 +597,31 @@ QWEN2_MOE = Family(
     model_class="Qwen2MoeForCausalLM",
     fields=MappingProxyType(_QWEN_FIELDS),
     constants=MappingProxyType(
-        {
-            "hidden_act": "silu",
-            "decoder_sparse_step": 1,
-            "use_sliding_window": False,
-            "qkv_bias": True,
-        }
+        {"hidden_act": "silu", "decoder_sparse_step": 1, "use_sliding_window": False}
     ),
     derived=MappingProxyType(
-        {"rope_parameters": _ROPE, "shared_expert_intermediate_size": _QWEN2_SHARED_WIDTH}
+        {
+            "rope_parameters": _ROPE,
+            "shared_expert_intermediate_size": _QWEN2_SHARED_WIDTH,
+            "qkv_bias": _QKV_BIASES,
+        }
     ),
     requirements=QWEN2_REQUIREMENTS,
     tensors=(
         *_ATTENTION,
-        *_QKV_BIAS,
-        *_moe_rows("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+        *_bias_rows(_QKV, zeros_when_off=True),
+        *_moe_rows("mlp", "gate", _EXPERT_NAMES),
         *_QWEN2_SHARED,
         *_DENSE,
     ),
     notes=(
-        "attention q/k/v biases are written as zeros (rmoe has none)",
-        "the sigmoid-gated shared expert gets a zero gate and a doubled down projection "
-        "(exact); without rmoe shared experts it is a width-1 shared expert of zeros",
+        "without rmoe attention biases, the q/k/v biases are written as zeros",
+        "without rmoe's shared_expert_gate, the sigmoid-gated shared expert gets a zero gate "
+        "and a doubled down projection (exact); without rmoe shared experts it is a width-1 "
+        "shared expert of zeros",
     ),
+    accepts=MappingProxyType({**_SLIDING_FIELDS, "decoder_sparse_step": _SPARSE_STEP}),
+    implied=MappingProxyType({"shared_expert_gate": True, "attention_out_bias": False}),
 )
 
 QWEN3_MOE = Family(
@@ -515,141 +630,107 @@ QWEN3_MOE = Family(
     model_class="Qwen3MoeForCausalLM",
     fields=MappingProxyType({**_QWEN_FIELDS, "head_dim": "head_dim"}),
     constants=MappingProxyType(
-        {
-            "hidden_act": "silu",
-            "decoder_sparse_step": 1,
-            "use_sliding_window": False,
-            "attention_bias": False,
-        }
+        {"hidden_act": "silu", "decoder_sparse_step": 1, "use_sliding_window": False}
     ),
-    derived=MappingProxyType({"rope_parameters": _ROPE}),
+    derived=MappingProxyType({"rope_parameters": _ROPE, "attention_bias": _ALL_BIASES}),
     requirements=QWEN3_REQUIREMENTS,
     tensors=(
         *_ATTENTION,
+        *_bias_rows(_QKVO, zeros_when_off=False),
         *_QK_NORM,
-        *_moe_rows("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+        *_moe_rows("mlp", "gate", _EXPERT_NAMES),
         *_DENSE,
     ),
+    accepts=MappingProxyType({**_SLIDING_FIELDS, "decoder_sparse_step": _SPARSE_STEP}),
+    implied=MappingProxyType({"qk_norm": "head"}),
 )
 
 FAMILIES: Mapping[str, Family] = MappingProxyType(
-    {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
+    {f.name: f for f in (MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)}
 )
-"""Target name (``rmoe export --to``, HF ``model_type``) -> `Family`."""
-
-
-def get_family(name: str) -> Family:
-    """The family called `name`; ValueError listing the choices otherwise."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown export target {name!r}; choose one of {sorted(FAMILIES)}")
-    return FAMILIES[name]
-
+"""MoE family name (``rmoe export --to``, HF ``model_type``) -> `Family`."""
 
 # ----------------------------------------------------------------------------------------------
-# Plans and expansion
+# The dense families (read only: the start of `rmoe upcycle`; every layer is a dense layer)
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Plan:
-    """What a table's expansion needs to know about one model, from either side's config.
-
-    Attributes:
-        num_layers: decoder layers L.
-        moe_layers: indices of the layers with an MoE block (the others are dense).
-        num_experts: routed experts E.
-        dims: sizes of the symbolic `Zeros` dimensions: "1", "D", "Q", "KV".
-        flags: "tied" (tied embeddings), "shared_experts" (the model has shared experts),
-            "qk_norm" (per-head q/k norm) — the `TensorRule.when` conditions.
-    """
-
-    num_layers: int
-    moe_layers: frozenset[int]
-    num_experts: int
-    dims: Mapping[str, int]
-    flags: Mapping[str, bool]
+_DENSE_HEAD_DIM = {**_DENSE_FIELDS, "head_dim": "head_dim"}
+_PRETRAINING_TP = Accept(
+    problem=lambda c: None,
+    note=lambda c: (
+        None
+        if getattr(c, "pretraining_tp", 1) == 1
+        else f"pretraining_tp={c.pretraining_tp} is ignored (transformers 5 ignores it too)"
+    ),
+)
 
 
-def _dims(config: Any) -> dict[str, int]:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {
-        "1": 1,
-        "D": config.hidden_size,
-        "Q": config.num_attention_heads * head_dim,
-        "KV": config.num_key_value_heads * head_dim,
+def _dense(name: str, cls: str, fields: Mapping[str, str], **kw: Any) -> Family:
+    return Family(
+        name=name,
+        config_class=f"{cls}Config",
+        model_class=f"{cls}ForCausalLM",
+        fields=MappingProxyType(dict(fields)),
+        requirements=(),
+        moe=False,
+        **{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in kw.items()},
+    )
+
+
+DENSE_FAMILIES: Mapping[str, Family] = MappingProxyType(
+    {
+        f.name: f
+        for f in (
+            _dense(
+                "llama",
+                "Llama",
+                _DENSE_HEAD_DIM,
+                constants={"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1},
+                derived={"rope_parameters": _ROPE, "attention_bias": _ALL_BIASES},
+                accepts={"pretraining_tp": _PRETRAINING_TP},
+                tensors=(*_ATTENTION, *_bias_rows(_QKVO, zeros_when_off=False), *_DENSE),
+            ),
+            _dense(
+                "mistral",
+                "Mistral",
+                _DENSE_HEAD_DIM,
+                constants={"hidden_act": "silu", "sliding_window": None},
+                derived={"rope_parameters": _ROPE},
+                accepts={"sliding_window": _SLIDING},
+                tensors=(*_ATTENTION, *_DENSE),
+            ),
+            _dense(
+                "qwen2",
+                "Qwen2",
+                _DENSE_FIELDS,
+                constants={"hidden_act": "silu", "use_sliding_window": False},
+                derived={"rope_parameters": _ROPE},
+                accepts=_SLIDING_FIELDS,
+                implied={"attention_bias": True, "attention_out_bias": False},
+                tensors=(*_ATTENTION, *_bias_rows(_QKV, zeros_when_off=True), *_DENSE),
+            ),
+            _dense(
+                "qwen3",
+                "Qwen3",
+                _DENSE_HEAD_DIM,
+                constants={"hidden_act": "silu", "use_sliding_window": False},
+                derived={"rope_parameters": _ROPE, "attention_bias": _ALL_BIASES},
+                accepts=_SLIDING_FIELDS,
+                implied={"qk_norm": "head"},
+                tensors=(
+                    *_ATTENTION,
+                    *_bias_rows(_QKVO, zeros_when_off=False),
+                    *_QK_NORM,
+                    *_DENSE,
+                ),
+            ),
+        )
     }
+)
+"""Dense family name (HF ``model_type``) -> `Family`: what `rmoe upcycle` reads."""
 
 
-def plan_from_rmoe(config: Any) -> Plan:
-    """The `Plan` of an rmoe config (`rmoe.RMoEConfig`)."""
-    return Plan(
-        num_layers=config.num_hidden_layers,
-        moe_layers=frozenset(config.moe_layer_indices),
-        num_experts=config.num_experts,
-        dims=_dims(config),
-        flags={
-            "tied": bool(config.tie_word_embeddings),
-            "shared_experts": config.num_shared_experts > 0,
-            "qk_norm": bool(getattr(config, "qk_norm", False)),
-        },
-    )
-
-
-def plan_from_hf(family: Family, config: Any) -> Plan:
-    """The `Plan` of a `family` HF config (for the import direction): layers in
-    ``mlp_only_layers`` or off the ``decoder_sparse_step`` are dense; Qwen2-MoE always has a
-    shared expert, Qwen3-MoE always a q/k norm."""
-    dense = set(getattr(config, "mlp_only_layers", None) or [])
-    step = getattr(config, "decoder_sparse_step", 1) or 1
-    moe = frozenset(
-        i for i in range(config.num_hidden_layers) if i not in dense and (i + 1) % step == 0
-    )
-    return Plan(
-        num_layers=config.num_hidden_layers,
-        moe_layers=moe,
-        num_experts=getattr(config, family.hf_field("num_experts")),
-        dims=_dims(config),
-        flags={
-            "tied": bool(config.tie_word_embeddings),
-            "shared_experts": family is QWEN2_MOE,
-            "qk_norm": family is QWEN3_MOE,
-        },
-    )
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One expanded row: the rmoe key (None for an HF-only tensor), its HF keys (E of them
-    for `PerExpert`, else one) and the layout."""
-
-    rmoe: str | None
-    hf: tuple[str, ...]
-    layout: Layout
-
-
-def _layers(where: str, plan: Plan) -> list[int | None]:
-    if where == "once":
-        return [None]
-    everything = range(plan.num_layers)
-    if where == "layer":
-        return list(everything)
-    if where == "moe":
-        return [i for i in everything if i in plan.moe_layers]
-    if where == "dense":
-        return [i for i in everything if i not in plan.moe_layers]
-    raise ValueError(f"TensorRule.where must be one of {WHERE}, got {where!r}")
-
-
-def expand(family: Family, plan: Plan) -> list[Entry]:
-    """The concrete rows of `family`'s tensor table for a model with `plan`, in table order
-    (layer by layer within each row)."""
-    out: list[Entry] = []
-    for rule in family.tensors:
-        if rule.when is not None and plan.flags.get(rule.when[0], False) != rule.when[1]:
-            continue
-        for i in _layers(rule.where, plan):
-            rm = None if rule.rmoe is None else rule.rmoe.format(i=i)
-            if isinstance(rule.layout, PerExpert):
-                hf = tuple(rule.hf.format(i=i, e=e) for e in range(plan.num_experts))
-            else:
-                hf = (rule.hf.format(i=i),)
-            out.append(Entry(rm, hf, rule.layout))
-    return out
+def get_family(name: str, families: Mapping[str, Family] = FAMILIES) -> Family:
+    """The family called `name` in `families`; ValueError listing the choices otherwise."""
+    if name not in families:
+        raise ValueError(f"unknown family {name!r}; choose one of {sorted(families)}")
+    return families[name]
