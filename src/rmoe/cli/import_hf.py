@@ -95,6 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="destination folder (written atomically)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="weight dtype (default: as stored)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--seed", type=int, default=0, help="retrofitted router's init (default 0)")
     add_router_flags(
         p, ROUTERS, "linear (the checkpoint's gates, default) or recurrent (retrofitted)"
     )
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         router=args.router,
         dtype=args.dtype,
         force=args.force,
+        seed=args.seed,
         **router_kwargs(args),
     )
     print_result(res, "imported")

@@ -18,7 +18,7 @@ model with the same function, or retrofit a recurrent router onto a linear-route
   another end-of-sequence or padding token than ``config.json`` names, ``tokenizer_config.json``
   is given the config's ``eos_token`` / ``pad_token`` (``align_special_tokens``).
 * **Retrofit** (``router="recurrent"``): the model is imported with its linear gates, then
-  `rmoe.modeling.surgery.retrofit_recurrent` adds the recurrent router so that the logits at
+  `rmoe.training.surgery.retrofit_recurrent` adds the recurrent router so that the logits at
   the start equal the linear model's. The source may also be an rmoe run or model directory
   with a linear router.
 
@@ -335,26 +335,24 @@ def check_router_kwargs(router: str, router_kwargs: Mapping[str, Any]) -> None:
         )
 
 
-def retrofit(model: torch.nn.Module, router_kwargs: Mapping[str, Any]) -> torch.nn.Module:
-    """`retrofit_recurrent(model, **router_kwargs)`: a recurrent router whose logits at the
-    start equal the model's linear gates' (settings outside `TRAINING_SETTINGS` go to it)."""
+def retrofit(
+    model: torch.nn.Module, router_kwargs: Mapping[str, Any], seed: int = 0
+) -> torch.nn.Module:
+    """`rmoe.training.surgery.retrofit_recurrent` (its new recurrent stage seeded with
+    `seed`): a recurrent router whose logits at the start equal the linear gates'."""
     try:
-        from ..modeling.surgery import retrofit_recurrent
+        from ..training.surgery import retrofit_recurrent
     except ImportError:
-        try:
-            from ..training.surgery import retrofit_recurrent
-        except ImportError:
-            raise ValueError(
-                "--router recurrent needs rmoe's retrofit_recurrent, which this rmoe version "
-                "does not have"
-            ) from None
+        raise ValueError(
+            "--router recurrent needs rmoe.training.surgery.retrofit_recurrent, which this rmoe "
+            "version does not have"
+        ) from None
     if model.config.router_type != "linear":
         raise ValueError(
             f"--router recurrent retrofits a linear-router model; this one has router_type "
             f"{model.config.router_type!r}"
         )
-    out = retrofit_recurrent(model, **dict(router_kwargs))
-    return model if out is None else out
+    return retrofit_recurrent(model, seed=seed, **dict(router_kwargs)).eval()
 
 
 def _import_hf(
@@ -380,6 +378,7 @@ def import_checkpoint(
     router: str = "linear",
     dtype: str | torch.dtype | None = None,
     force: bool = False,
+    seed: int = 0,
     **router_kwargs: Any,
 ) -> ImportResult:
     """Import a Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE checkpoint folder (or retrofit an rmoe
@@ -392,8 +391,10 @@ def import_checkpoint(
         router: ``linear`` (the checkpoint's gates) or ``recurrent`` (retrofit).
         dtype: the weights' dtype (a name or torch dtype); None = as stored.
         force: replace a non-empty `out_dir`.
-        router_kwargs: rmoe settings: for ``recurrent``, the recurrent router's (router_dim,
-            router_cell, ...); any of `TRAINING_SETTINGS` for either router.
+        seed: the initialisation of a retrofitted recurrent stage.
+        router_kwargs: rmoe settings: for ``recurrent``, the recurrent stage's (router_dim,
+            router_cell, ..., `rmoe.training.surgery.RETROFIT_KEYS`); any of
+            `TRAINING_SETTINGS` for either router.
 
     Raises:
         ValueError: what rmoe cannot represent, named; FileNotFoundError: no checkpoint.
@@ -407,35 +408,33 @@ def import_checkpoint(
         read_config_json(src)  # raises FileNotFoundError with the fix
     raw = read_config_json(src) if (src / "config.json").is_file() else {"model_type": "rmoe"}
     settings = {k: v for k, v in router_kwargs.items() if k in TRAINING_SETTINGS}
-    router_settings = {k: v for k, v in router_kwargs.items() if k not in TRAINING_SETTINGS}
+    recurrent = {k: v for k, v in router_kwargs.items() if k not in TRAINING_SETTINGS}
     if raw.get("model_type") == "rmoe":
-        return _retrofit_run(src, out_dir, router, torch_dtype, force, settings, router_settings)
-    family = hf_family(raw, FAMILIES, "import")
-    model, notes = _import_hf(src, family, raw, torch_dtype, settings)
+        model, tokenizer, notes = _load_rmoe(src, router, torch_dtype, settings)
+        source, extra = "rmoe", None
+    else:
+        family = hf_family(raw, FAMILIES, "import")
+        model, notes = _import_hf(src, family, raw, torch_dtype, settings)
+        source, tokenizer = family.name, None
+
+        def extra(tmp: Path) -> list[str]:
+            copy_generation_config(src, tmp)
+            return copy_tokenizer(src, tmp, model.config.eos_token_id, model.config.pad_token_id)
+
     if router == "recurrent":
-        model = retrofit(model, router_settings)
-    config = model.config
-
-    def extra(tmp: Path) -> list[str]:
-        copy_generation_config(src, tmp)
-        return copy_tokenizer(src, tmp, config.eos_token_id, config.pad_token_id)
-
-    notes += save_model(model, out_dir, force, extra=extra)
+        model = retrofit(model, recurrent, seed)
+    notes += save_model(model, out_dir, force, tokenizer=tokenizer, extra=extra)
     out = Path(out_dir).expanduser()
     files = sorted(p.name for p in out.iterdir())
-    return ImportResult(out, family.name, config.router_type, config, files, notes)
+    return ImportResult(out, source, model.config.router_type, model.config, files, notes)
 
 
-def _retrofit_run(
-    src: Path,
-    out_dir: str | Path,
-    router: str,
-    dtype: torch.dtype | None,
-    force: bool,
-    settings: Mapping[str, Any],
-    router_settings: Mapping[str, Any],
-) -> ImportResult:
-    """An rmoe run or model directory with a linear router, retrofitted (``router`` recurrent)."""
+def _load_rmoe(
+    src: Path, router: str, dtype: torch.dtype | None, settings: Mapping[str, Any]
+) -> tuple[torch.nn.Module, Any, list[str]]:
+    """(model with `settings` applied, tokenizer or None, notes) of an rmoe run or model
+    directory, which an import can only retrofit (``router`` recurrent)."""
+    from ..config import RMoEConfig
     from ..loading import load_model
 
     if router != "recurrent":
@@ -443,16 +442,9 @@ def _retrofit_run(
             f"{str(src)!r} is already an rmoe model; importing it means retrofitting a router: "
             "pass --router recurrent"
         )
-    from ..config import RMoEConfig
-
     loaded = load_model(src, device="cpu", dtype=dtype, missing_tokenizer="bytes")
     old = loaded.model.config
     kw = {n: getattr(old, n) for n in rmoe_options() if hasattr(old, n)}
     model = build_model(RMoEConfig(**{**kw, **settings}), loaded.model.state_dict(), dtype)
-    model = retrofit(model, router_settings)
     tokenizer = None if loaded.tokenizer_fallback else loaded.tokenizer
-    notes = list(loaded.notes)
-    save_model(model, out_dir, force, tokenizer=tokenizer)
-    out = Path(out_dir).expanduser()
-    files = sorted(p.name for p in out.iterdir())
-    return ImportResult(out, "rmoe", model.config.router_type, model.config, files, notes)
+    return model, tokenizer, list(loaded.notes)

@@ -248,7 +248,7 @@ def settings_from_hf(family: Family, config: Any) -> dict[str, Any]:
     """The rmoe settings a `family` HF config maps to, by the tables alone (fields, derived
     inverses, implied settings, dense layers from the plan); no checks (see
     `rmoe.integrations.importing` for those)."""
-    kw: dict[str, Any] = {rm: getattr(config, hf) for hf, rm in family.fields.items()}
+    kw: dict[str, Any] = {rm: getattr(config, hf, None) for hf, rm in family.fields.items()}
     for hf, derived in family.derived.items():
         kw.update(derived.to_rmoe(getattr(config, hf)))
     kw.update(family.implied)
