@@ -172,13 +172,16 @@ def _first_id(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def align_special_tokens(directory: Path, eos_id: Any, pad_id: Any) -> list[str]:
+def align_special_tokens(
+    directory: Path, eos_id: Any, pad_id: Any, vocab_size: int | None = None
+) -> list[str]:
     """Make rmoe's tokenizer loader (`rmoe.data.Tokenizer.load`) pick, in `directory`, the end
     of sequence and padding tokens the model config names (`eos_id`, first of a list;
     `pad_id`): where it would pick another, ``tokenizer_config.json`` gets the config's token.
 
     Returns:
-        notes on what was set, or why rmoe cannot read the tokenizer.
+        notes on what was set, on a tokenizer size other than `vocab_size`, or on why rmoe
+        cannot read the tokenizer.
     """
     import tokenizers
 
@@ -204,15 +207,27 @@ def align_special_tokens(directory: Path, eos_id: Any, pad_id: Any) -> list[str]
         shown = ", ".join(f"{k}={v!r}" for k, v in set_tokens.items())
         notes.append(f"tokenizer_config.json: set {shown} (the ids config.json names)")
     try:
-        Tokenizer.load(directory)
+        size = Tokenizer.load(directory).vocab_size
     except ValueError as exc:
         notes.append(f"rmoe cannot use this tokenizer ({exc}); pass --tokenizer to rmoe commands")
+        return notes
+    if vocab_size is not None and size != vocab_size:
+        notes.append(
+            f"the tokenizer has {size} tokens and the model's vocabulary {vocab_size} rows: "
+            + (
+                "rmoe commands refuse a tokenizer larger than the model"
+                if size > vocab_size
+                else "eval, generate and finetune work; rmoe train --init-from builds the model "
+                "with the tokenizer's size and so cannot start from this folder yet"
+            )
+        )
     return notes
 
 
-def copy_tokenizer(src: Path, dst: Path, eos_id: Any, pad_id: Any) -> list[str]:
+def copy_tokenizer(src: Path, dst: Path, config: Any) -> list[str]:
     """Copy the tokenizer files of `src` into `dst` (a tokenizer.json is made with
-    transformers' fast conversion when `src` has none) and `align_special_tokens`."""
+    transformers' fast conversion when `src` has none) and `align_special_tokens` to the
+    model `config` (its eos / pad token ids and vocabulary size)."""
     copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
     for name in copied:
         shutil.copy2(src / name, dst / name)
@@ -228,7 +243,8 @@ def copy_tokenizer(src: Path, dst: Path, eos_id: Any, pad_id: Any) -> list[str]:
             notes.append("tokenizer.json made from the slow tokenizer files (fast conversion)")
         except Exception as exc:  # noqa: BLE001 - any conversion failure is a note, not a stop
             return [f"rmoe needs a tokenizer.json and the conversion failed ({exc})"]
-    return notes + align_special_tokens(dst, eos_id, pad_id)
+    ids = config.eos_token_id, config.pad_token_id, config.vocab_size
+    return notes + align_special_tokens(dst, *ids)
 
 
 def train_yaml(config: Any) -> str:

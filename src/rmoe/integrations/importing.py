@@ -419,7 +419,7 @@ def import_checkpoint(
 
         def extra(tmp: Path) -> list[str]:
             copy_generation_config(src, tmp)
-            return copy_tokenizer(src, tmp, model.config.eos_token_id, model.config.pad_token_id)
+            return copy_tokenizer(src, tmp, model.config)
 
     if router == "recurrent":
         model = retrofit(model, recurrent, seed)

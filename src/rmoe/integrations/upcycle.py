@@ -267,7 +267,7 @@ def upcycle_checkpoint(
 
     def extra(tmp: Path) -> list[str]:
         copy_generation_config(src, tmp)
-        return copy_tokenizer(src, tmp, cfg.eos_token_id, cfg.pad_token_id)
+        return copy_tokenizer(src, tmp, cfg)
 
     notes += dropped + save_model(model, out_dir, force, extra=extra)
     out = Path(out_dir).expanduser()
