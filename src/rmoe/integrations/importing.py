@@ -24,13 +24,14 @@ model with the same function, or retrofit a recurrent router onto a linear-route
 
 The output folder holds ``config.json`` + safetensors (loadable by
 `rmoe.loading.load_model`), the tokenizer, and ``train.yaml``: a training config whose model
-section is this model, for ``rmoe train OUT/train.yaml --init-from OUT --out RUN``.
+section is this model, for ``rmoe train OUT/train.yaml --init-from OUT --out RUN``. Reading
+safetensors, building the model around the tensors and writing the folder are
+:mod:`rmoe.integrations.checkpoints`' (shared with ``rmoe upcycle``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,6 @@ from .families import (
     plan_from_hf,
 )
 from .families import settings_from_hf as table_settings
-
-log = logging.getLogger(__name__)
 
 ROUTERS = ("linear", "recurrent")
 """What an import can give the model: its own linear gates, or a retrofitted recurrent router."""
