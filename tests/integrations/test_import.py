@@ -219,6 +219,7 @@ REFUSED = {
     "unknown-model-type": (dict(model_type="dbrx"), "model_type 'dbrx'.*mixtral"),
     "extra-tensor": ("model.layers.0.self_attn.rel_bias", "no place for .*rel_bias"),
     "pickle": ("pickle", "pickle"),
+    "corrupt-safetensors": ("corrupt", "cannot read .*model.safetensors as safetensors"),
 }  # fmt: skip
 
 
@@ -231,6 +232,8 @@ def test_unrepresentable_checkpoints_are_refused_in_one_line(case, tmp_path, cap
     elif change == "pickle":
         (tmp_path / "hf" / "model.safetensors").unlink()
         torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    elif change == "corrupt":
+        (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x00" * 64)
     else:
         _add_tensor(tmp_path / "hf", change)
     out = tmp_path / "out"

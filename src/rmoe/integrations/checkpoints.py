@@ -76,7 +76,11 @@ class Checkpoint:
             path = self.directory / name
             if not path.is_file():
                 raise FileNotFoundError(f"shard {name} listed in {index.name} is missing")
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            try:
+                handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            except Exception as exc:  # safetensors' own error type is not a ValueError
+                self._stack.close()
+                raise ValueError(f"cannot read {path} as safetensors: {exc}") from None
             self._where.update(dict.fromkeys(handle.keys(), handle))
 
     def __enter__(self) -> Checkpoint:
