@@ -60,6 +60,30 @@ class RMoEConfig(PretrainedConfig):
         rope_theta (float, 10000.0): RoPE base.
         rms_norm_eps (float, 1e-6): epsilon of every RMSNorm.
         attention_dropout (float, 0.0): dropout on attention probabilities (training only).
+        attention_bias (bool, False): biases on the q_proj, k_proj and v_proj projections
+            (Qwen2, Qwen2-MoE). Llama/Mistral's own `attention_bias` puts a bias on o_proj too:
+            set `attention_out_bias` as well. Biases start at 0.
+        attention_out_bias (bool, False): a bias on the attention output projection o_proj.
+        qk_norm (str, "none"): RMSNorm (with `rms_norm_eps`) on queries and keys, before RoPE:
+            "none"; "head" (Qwen3, Qwen3-MoE): one RMSNorm over head_dim applied to every head
+            of q and of k, weights `attn.q_norm.weight` / `attn.k_norm.weight` [head_dim];
+            "proj" (OLMoE): one RMSNorm over the whole q projection [H * head_dim] and one
+            over the whole k projection [Hkv * head_dim], before splitting into heads.
+        rope_scaling (dict | None, None): RoPE scaling in transformers' key names, e.g.
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}.
+            The inverse frequencies and the attention scaling come from transformers' own
+            `modeling_rope_utils.ROPE_INIT_FUNCTIONS`, so they equal the families'. Supported
+            rope_type (`ROPE_SCALING_KEYS` lists each one's keys): "linear" (position
+            interpolation), "llama3" (Llama 3.1), "yarn" (Qwen2.5/Qwen3, DeepSeek; cos and sin
+            are multiplied by its attention factor) and "longrope" (Phi-3: the short or long
+            factors, chosen per forward pass from the largest position id, as transformers
+            does: a cached generation that crosses original_max_position_embeddings keeps its
+            earlier keys' short-factor rotation, as in transformers). "dynamic" (dynamic NTK)
+            is refused: transformers recomputes it from the longest sequence seen so far,
+            state that rmoe's stateless RoPE does not keep.
+            None or rope_type "default" = plain RoPE with `rope_theta` (stored as None); a
+            "rope_theta" key must equal `rope_theta`; "type" is read as "rope_type". A
+            `partial_rotary_factor` other than 1 is refused (rmoe rotates the whole head).
         hidden_dropout (float, 0.0): dropout on attention and FFN outputs before the residual add.
         tie_word_embeddings (bool, False): share the input embedding and the LM head.
         initializer_range (float, 0.02): std of the normal init of linear, embedding and expert
@@ -68,7 +92,8 @@ class RMoEConfig(PretrainedConfig):
             Router linear layers follow `router_init` (default: PyTorch's uniform); the shared
             recurrent cell uses
             PyTorch's default U(-1/sqrt(P), 1/sqrt(P)) (the paper's "standard init"); cosine/xmoe
-            temperatures start at `router_temperature_init`; RMSNorm weights start at 1.
+            temperatures start at `router_temperature_init`; RMSNorm weights start at 1;
+            biases (attention_bias, attention_out_bias) start at 0.
 
     Feed-forward / experts
         intermediate_size (int, 512): hidden width of the dense SwiGLU FFN used by `mlp_only_layers`.
@@ -81,8 +106,18 @@ class RMoEConfig(PretrainedConfig):
             added to the routed output.
         shared_expert_intermediate_size (int | None, None): width of each shared expert
             (None = moe_intermediate_size).
-        mlp_only_layers (list[int], []): indices of layers that use a dense FFN instead of MoE.
-            They pass the router state on unchanged.
+        shared_expert_gate (bool, False): Qwen2-MoE's sigmoid gate on the shared experts'
+            output: shared(x) * sigmoid(x w_gate), w_gate = `moe.shared_expert_gate.weight`
+            [1, D] (a Linear(D, 1) without bias, N(0, initializer_range) init). Needs
+            num_shared_experts >= 1.
+        mlp_only_layers (list[int], []): indices of layers that use a dense FFN instead of MoE
+            (SwiGLU of width `intermediate_size`). They pass the router state on unchanged.
+            The families' layer patterns map onto it: Qwen2-MoE / Qwen3-MoE's layer i is dense
+            iff i is in their mlp_only_layers or (i + 1) % decoder_sparse_step != 0, so
+            mlp_only_layers = sorted(set(mlp_only_layers) | {i : (i + 1) % step != 0});
+            DeepSeek's first_k_dense_replace = k is mlp_only_layers = [0, ..., k - 1];
+            Mixtral / OLMoE: []; a dense model (Llama, Mistral, Qwen2, Qwen3) before upcycling:
+            every layer (with a router type that has no shared cell, e.g. "linear").
         experts_backend (str, "auto"): dispatch implementation (`rmoe.registry.BACKENDS`):
             "loop" (reference), "sorted", "grouped_mm", or "auto": grouped_mm where the torch
             version/device/dtype support it (CUDA bf16 sm80+, CPU with torch >= 2.9), except
@@ -110,6 +145,12 @@ class RMoEConfig(PretrainedConfig):
         router_share_proj (bool, False): "S-proj" (RMoE paper, section 5): one projector D->P
             shared by every MoE layer (owned by the model as `router_shared`) instead of one
             per layer. Routers with a cell only.
+        router_base_linear (bool, False): the retrofit router: layer i's logits are
+            W_i x_i + Scorer_i(h_i), W_i a per-layer Linear(D, E) without bias
+            (`moe.router.base.weight` [E, D], `router_init`), added to the recurrent router's
+            logits (before any logit residual). Routers with a cell only.
+            `rmoe.training.surgery.retrofit_recurrent` turns a linear-router model into one
+            with W_i = its router and Scorer_i = 0, so it starts as the same function.
         router_logit_residual (float, 0.0): alpha of the RMoE paper's "r-alpha" ablation: layer
             i's logits += alpha * layer i-1's (final) logits, before the score function
             (RealFormer-style residual; the paper uses 0.5 and 1; "NP + r-alpha" pairs it with
@@ -188,6 +229,9 @@ class RMoEConfig(PretrainedConfig):
 
     model_type = "rmoe"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # a plain field here: shadows transformers 5's deprecated `rope_scaling` property (an alias
+    # of `rope_parameters`), so the value is stored, saved and loaded as this config's own
+    rope_scaling = None
 
     def __init__(
         self,
@@ -201,6 +245,10 @@ class RMoEConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         attention_dropout: float = 0.0,
+        attention_bias: bool = False,
+        attention_out_bias: bool = False,
+        qk_norm: str = "none",
+        rope_scaling: dict[str, Any] | None = None,
         hidden_dropout: float = 0.0,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
@@ -211,6 +259,7 @@ class RMoEConfig(PretrainedConfig):
         norm_topk_prob: bool = True,
         num_shared_experts: int = 0,
         shared_expert_intermediate_size: int | None = None,
+        shared_expert_gate: bool = False,
         mlp_only_layers: list[int] | None = None,
         experts_backend: str = "auto",
         router_type: str = "recurrent",
@@ -225,6 +274,7 @@ class RMoEConfig(PretrainedConfig):
         router_temperature_init: float = 0.07,
         router_jitter: float = 0.0,
         router_share_proj: bool = False,
+        router_base_linear: bool = False,
         router_logit_residual: float = 0.0,
         router_detach_residual: bool = False,
         router_score_func: str = "softmax",
@@ -260,6 +310,10 @@ class RMoEConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.attention_dropout = attention_dropout
+        self.attention_bias = attention_bias
+        self.attention_out_bias = attention_out_bias
+        self.qk_norm = qk_norm
+        self.rope_scaling = _normalize_rope_scaling(rope_scaling, rope_theta)
         self.hidden_dropout = hidden_dropout
         self.initializer_range = initializer_range
         self.intermediate_size = intermediate_size
@@ -273,6 +327,7 @@ class RMoEConfig(PretrainedConfig):
             if shared_expert_intermediate_size is None
             else shared_expert_intermediate_size
         )
+        self.shared_expert_gate = shared_expert_gate
         self.mlp_only_layers = sorted(int(i) for i in (mlp_only_layers or []))
         self.experts_backend = experts_backend
         self.router_type = router_type
@@ -287,6 +342,7 @@ class RMoEConfig(PretrainedConfig):
         self.router_temperature_init = router_temperature_init
         self.router_jitter = router_jitter
         self.router_share_proj = router_share_proj
+        self.router_base_linear = router_base_linear
         self.router_logit_residual = router_logit_residual
         self.router_detach_residual = router_detach_residual
         self.router_score_func = router_score_func
@@ -374,6 +430,7 @@ class RMoEConfig(PretrainedConfig):
             raise ValueError("router_temperature_init must be > 0")
         check_gw_policy(self.gw_entropy_threshold, self.gw_max_tokens_per_seq, self.gw_selection)
         self._validate_router_options()
+        self._validate_architecture_options()
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -400,3 +457,131 @@ class RMoEConfig(PretrainedConfig):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 (or None = dropless), got {value}")
+
+    def _validate_architecture_options(self) -> None:
+        """The attention, shared-expert-gate and retrofit-router options of the families."""
+        check_choice("qk_norm", self.qk_norm, QK_NORMS)
+        for name in ("attention_bias", "attention_out_bias", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.shared_expert_gate and self.num_shared_experts < 1:
+            raise ValueError(
+                "shared_expert_gate gates the shared experts' output and needs "
+                f"num_shared_experts >= 1, got {self.num_shared_experts} (Qwen2-MoE: 1)"
+            )
+        if self.router_base_linear and not ROUTERS.lookup(self.router_type).uses_cell:
+            cell_routers = list(ROUTERS.names(lambda cls: cls.uses_cell))
+            raise ValueError(
+                f"router_base_linear adds a linear base to the recurrent router's logits; "
+                f"router_type={self.router_type!r} has no recurrent stage (use one of "
+                f"{cell_routers})"
+            )
+        check_rope_scaling(self.rope_scaling, self.head_dim)
+
+
+QK_NORMS = ("none", "head", "proj")
+"""`RMoEConfig.qk_norm` choices: none, per-head (Qwen3), over the whole projection (OLMoE)."""
+
+ROPE_SCALING_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "linear": (frozenset({"factor"}), frozenset()),
+    "llama3": (
+        frozenset({"factor", "low_freq_factor", "high_freq_factor"}),
+        frozenset({"original_max_position_embeddings"}),
+    ),
+    "yarn": (
+        frozenset({"factor"}),
+        frozenset(
+            {
+                "original_max_position_embeddings",
+                "attention_factor",
+                "beta_fast",
+                "beta_slow",
+                "mscale",
+                "mscale_all_dim",
+                "truncate",
+            }
+        ),
+    ),
+    "longrope": (
+        frozenset({"short_factor", "long_factor"}),
+        frozenset({"factor", "attention_factor", "original_max_position_embeddings"}),
+    ),
+}
+"""Supported `rope_scaling` rope_type -> (required keys, optional keys), besides "rope_type"
+(transformers' names; "original_max_position_embeddings" defaults, as in transformers, to
+`max_position_embeddings`)."""
+
+
+def _normalize_rope_scaling(value: Any, rope_theta: float) -> dict[str, Any] | None:
+    """`rope_scaling` as stored: None for plain RoPE (None or rope_type "default"), else a
+    dict with "rope_type" first (from "rope_type" or the legacy "type") and no "rope_theta"
+    (which must equal `rope_theta`: transformers 5's `rope_parameters` carry it). Other keys
+    are kept as given; `check_rope_scaling` validates them."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"rope_scaling must be a dict like {{'rope_type': 'linear', 'factor': 2.0}} or "
+            f"None, got {value!r}"
+        )
+    rest = dict(value)
+    theta = rest.pop("rope_theta", rope_theta)
+    if theta != rope_theta:
+        raise ValueError(
+            f"rope_scaling rope_theta={theta} differs from the config's rope_theta={rope_theta}; "
+            "set the rope_theta field (and leave rope_theta out of rope_scaling)"
+        )
+    rope_type = rest.pop("rope_type", None)
+    legacy = rest.pop("type", None)
+    rope_type = rope_type if rope_type is not None else legacy
+    if rope_type is None:
+        raise ValueError(
+            f"rope_scaling needs a 'rope_type' (one of {['default', *ROPE_SCALING_KEYS]}), got "
+            f"{value!r}"
+        )
+    if rope_type == "default":
+        return None
+    return {"rope_type": rope_type, **rest}
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None, head_dim: int) -> None:
+    """Raise ValueError unless `scaling` (a normalised `RMoEConfig.rope_scaling`) is a
+    supported RoPE scaling for heads of width `head_dim` (see `ROPE_SCALING_KEYS`)."""
+    if scaling is None:
+        return
+    rope_type = scaling["rope_type"]
+    if rope_type == "dynamic":
+        raise ValueError(
+            "rope_scaling rope_type 'dynamic' (dynamic NTK) is not supported: transformers "
+            "recomputes its frequencies from the longest sequence seen so far, state that "
+            "rmoe's stateless RoPE does not keep; use one of "
+            f"{list(ROPE_SCALING_KEYS)} or None"
+        )
+    check_choice("rope_scaling rope_type", rope_type, ["default", *ROPE_SCALING_KEYS])
+    required, optional = ROPE_SCALING_KEYS[rope_type]
+    keys = set(scaling) - {"rope_type", "partial_rotary_factor"}
+    missing, unknown = sorted(required - keys), sorted(keys - required - optional)
+    if missing or unknown:
+        raise ValueError(
+            f"rope_scaling {rope_type!r}: missing keys {missing}, unknown keys {unknown}; it "
+            f"takes {sorted(required)} and optionally {sorted(optional)}"
+        )
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(
+            "rope_scaling partial_rotary_factor must be 1 (rmoe applies RoPE to the whole "
+            f"head), got {scaling['partial_rotary_factor']}"
+        )
+    numbers = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")
+    for name in numbers:
+        value = scaling.get(name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and value > 0):
+            raise ValueError(f"rope_scaling {name} must be a number > 0, got {value!r}")
+    if rope_type == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError("rope_scaling llama3 needs high_freq_factor > low_freq_factor")
+    for name in ("short_factor", "long_factor"):
+        if name in scaling and len(scaling[name]) != head_dim // 2:
+            raise ValueError(
+                f"rope_scaling longrope {name} needs head_dim / 2 = {head_dim // 2} values, "
+                f"got {len(scaling[name])}"
+            )

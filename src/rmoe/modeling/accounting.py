@@ -15,8 +15,11 @@ Router cost per MoE layer (multiply-adds per token), with D width, E experts, P 
                       input and hidden products are both counted, also for h_0 = 0, so RMoE,
                       RMoE-NP and detached RMoE cost the same; S-proj counts the projector's
                       parameters once and its multiply-adds per layer)
+    recurrent + base  the above + D*E      (router_base_linear: the retrofit's W_i x_i)
 Score functions, the expert bias (a buffer, not a parameter), the logit residual and capacity
-add no matmuls and no parameters.
+add no matmuls and no parameters. Attention biases and q/k norms add parameters but no matmuls;
+the shared experts' sigmoid gate (`shared_expert_gate`) adds D parameters and D multiply-adds
+per MoE layer (counted with the shared experts).
 Each registered router class gives its own count (`Router.layer_counts`, from its scorer's
 `Scorer.counts`, and `Router.shared_counts` for the module all layers share), and each cell
 class its own (`RecurrentCell.counts`).
@@ -79,6 +82,20 @@ def cell_counts(cfg: RMoEConfig) -> tuple[int, int]:
     return CELLS.lookup(cfg.router_cell).counts(cfg.router_dim)
 
 
+def attention_extra_params(cfg: RMoEConfig) -> int:
+    """Parameters of ONE layer's attention besides its four projection weights: the q/k/v
+    biases (`attention_bias`), the o_proj bias (`attention_out_bias`) and the q/k RMSNorm
+    weights (`qk_norm`: 2 * Dh per head-wise norm, H * Dh + Hkv * Dh over the projections)."""
+    qd, kvd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    n = qd + 2 * kvd if cfg.attention_bias else 0
+    n += cfg.hidden_size if cfg.attention_out_bias else 0
+    if cfg.qk_norm == "head":
+        n += 2 * cfg.head_dim
+    elif cfg.qk_norm == "proj":
+        n += qd + kvd
+    return n
+
+
 def count_config(cfg: RMoEConfig, seq_len: int | None = None) -> ModelCounts:
     """Analytic parameter and FLOP counts for `cfg` (see module docstring)."""
     seq_len = seq_len or cfg.max_position_embeddings
@@ -90,17 +107,25 @@ def count_config(cfg: RMoEConfig, seq_len: int | None = None) -> ModelCounts:
     shared_f = cfg.num_shared_experts * cfg.shared_expert_intermediate_size
 
     emb = v * d if cfg.tie_word_embeddings else 2 * v * d
-    attn_p = d * qd + 2 * d * kvd + qd * d
+    attn_p = d * qd + 2 * d * kvd + qd * d  # weights (matmuls)
+    attn_extra = attention_extra_params(cfg)  # biases, q/k norms (no matmuls)
     norms = 2 * d * cfg.num_hidden_layers + d
     expert_p = n_moe * e * 3 * d * f
-    shared_exp_p = n_moe * 3 * d * shared_f
+    gate_p = d if cfg.shared_expert_gate else 0  # Qwen2-MoE's shared-expert gate [1, D]
+    shared_exp_p = n_moe * (3 * d * shared_f + gate_p)
     dense_p = n_dense * 3 * d * cfg.intermediate_size
     r_layer_p, r_layer_m = router_layer_counts(cfg)
     cell_p, cell_m = cell_counts(cfg)
     shared_p = ROUTERS.lookup(cfg.router_type).shared_counts(cfg)[0]
     router_p = n_moe * r_layer_p + cell_p + shared_p
     total = (
-        emb + cfg.num_hidden_layers * attn_p + norms + expert_p + shared_exp_p + dense_p + router_p
+        emb
+        + cfg.num_hidden_layers * (attn_p + attn_extra)
+        + norms
+        + expert_p
+        + shared_exp_p
+        + dense_p
+        + router_p
     )
     active = total - expert_p + n_moe * k * 3 * d * f
 
@@ -109,7 +134,7 @@ def count_config(cfg: RMoEConfig, seq_len: int | None = None) -> ModelCounts:
         "attention": 2 * cfg.num_hidden_layers * attn_p,
         "attention_core": int(2 * 2 * cfg.num_hidden_layers * qd * ctx),
         "experts": 2 * n_moe * k * 3 * d * f,
-        "shared": 2 * n_moe * 3 * d * shared_f,
+        "shared": 2 * n_moe * (3 * d * shared_f + gate_p),
         "dense_ffn": 2 * n_dense * 3 * d * cfg.intermediate_size,
         "router": 2 * n_moe * (r_layer_m + cell_m),
         "lm_head": 2 * d * v,

@@ -124,7 +124,8 @@ def select_gw_tokens(
 
 
 class MoEBlock(nn.Module):
-    """Routed experts (+ optional shared experts) for one decoder layer.
+    """Routed experts (+ optional shared experts, optionally sigmoid-gated: `shared_expert_gate`
+    [1, D], Qwen2-MoE) for one decoder layer.
 
     `gw_policy` (a `GWPolicy`, from the config at construction) decides GW-MoE broadcasting in
     training; the model's `set_gw_policy` replaces it on every block.
@@ -150,6 +151,10 @@ class MoEBlock(nn.Module):
             )
             if config.num_shared_experts > 0
             else None
+        )
+        # Qwen2-MoE's sigmoid gate on the shared experts' output (only built when on)
+        self.shared_expert_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
         )
 
     def forward(
@@ -200,7 +205,10 @@ class MoEBlock(nn.Module):
                 y = y.index_copy(0, ui, dense)
 
         if self.shared_experts is not None:
-            y = y + self.shared_experts(xf)
+            shared_y = self.shared_experts(xf)
+            if self.shared_expert_gate is not None:  # [N, 1] gate, Qwen2-MoE
+                shared_y = torch.sigmoid(self.shared_expert_gate(xf)) * shared_y
+            y = y + shared_y
 
         aux = z = None
         if compute_losses:

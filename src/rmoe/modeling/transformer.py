@@ -23,6 +23,7 @@ import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..config import RMoEConfig
 from .accounting import ROUTER_PARTS
@@ -31,6 +32,11 @@ from .losses import training_loss
 from .moe import GWPolicy, MoEBlock
 from .outputs import _CACHE_FIELD, RMoECausalLMOutput, RMoEModelOutput
 from .routing import RecurrentCell, build_router_cell, build_shared_router
+
+try:  # transformers >= 5: the RoPE init functions read a config with this mixin's methods
+    from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin as _RopeMixin
+except ImportError:  # pragma: no cover - transformers 4.x
+    _RopeMixin = object  # type: ignore[assignment,misc]
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as _init
@@ -79,6 +85,49 @@ def rope_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class _RopeConfigView(_RopeMixin):
+    """The attributes transformers' RoPE init functions read, taken from an `RMoEConfig`
+    (transformers 5 reads `rope_parameters` with "rope_theta" inside; 4 reads `rope_scaling`
+    and `rope_theta`)."""
+
+    def __init__(self, config: RMoEConfig) -> None:
+        params = {**config.rope_scaling, "rope_theta": float(config.rope_theta)}
+        self.rope_parameters = params
+        self.rope_scaling = params
+        self.rope_theta = float(config.rope_theta)
+        self.head_dim = config.head_dim
+        self.hidden_size = config.hidden_size
+        self.num_attention_heads = config.num_attention_heads
+        self.max_position_embeddings = config.max_position_embeddings
+
+
+def rope_frequencies(
+    config: RMoEConfig, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, float] | None:
+    """The scaled RoPE of `config.rope_scaling`: (inverse frequencies [Dh / 2] float32,
+    attention scaling of cos and sin), from transformers' `ROPE_INIT_FUNCTIONS`; None for
+    plain RoPE (`rope_cos_sin` with `rope_theta`). `position_ids` [B, T] gives the device and,
+    for "longrope", the sequence length max(position_ids) + 1 that picks the short or long
+    factors (one host sync), as transformers' own forward does."""
+    if config.rope_scaling is None:
+        return None
+    rope_type = config.rope_scaling["rope_type"]
+    seq_len = int(position_ids.max()) + 1 if rope_type == "longrope" else None
+    init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+    inv_freq, scaling = init_fn(_RopeConfigView(config), position_ids.device, seq_len=seq_len)
+    return inv_freq.to(device=position_ids.device, dtype=torch.float32), float(scaling)
+
+
+def scaled_rope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables from given inverse frequencies [Dh / 2] for positions [B, T] -> cos, sin
+    [B, 1, T, Dh], both multiplied by `scaling` (transformers' attention scaling)."""
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -91,7 +140,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads and RoPE, through
-    `F.scaled_dot_product_attention`; keys/values go through the KV cache when given."""
+    `F.scaled_dot_product_attention`; keys/values go through the KV cache when given.
+
+    Options (`RMoEConfig`): `attention_bias` (q/k/v biases), `attention_out_bias` (o_proj
+    bias), `qk_norm` ("head": `q_norm` / `k_norm` RMSNorm [Dh] on every head; "proj": RMSNorm
+    [H * Dh] / [Hkv * Dh] on the whole projections), applied before RoPE. The q/k norms exist
+    only when `qk_norm` is not "none" (so default models build exactly the modules they did).
+    """
 
     def __init__(self, config: RMoEConfig, layer_idx: int) -> None:
         super().__init__()
@@ -100,11 +155,31 @@ class Attention(nn.Module):
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = OutputProjection(self.n_heads * self.head_dim, d, bias=False)
+        self.qk_norm = config.qk_norm
+        d, qd, kvd = config.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, qd, bias=bias)
+        self.k_proj = nn.Linear(d, kvd, bias=bias)
+        self.v_proj = nn.Linear(d, kvd, bias=bias)
+        self.o_proj = OutputProjection(qd, d, bias=config.attention_out_bias)
+        if self.qk_norm != "none":
+            head = self.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if head else qd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if head else kvd, config.rms_norm_eps)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, H, T, Dh], k and v [B, Hkv, T, Dh], q and k normalised by
+        `qk_norm` (RoPE not applied yet)."""
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(b, t, self.n_kv, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
         self,
@@ -116,9 +191,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, D]; attn_mask [B, 1, T, S] bool (True = attend) or None for plain causal."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
@@ -404,7 +477,11 @@ class RMoEModel(RMoEPreTrainedModel):
         position_ids, attn_mask, token_mask = _positions_and_masks(
             attention_mask, position_ids, b, t, past, h.device
         )
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+        scaled = rope_frequencies(cfg, position_ids)
+        if scaled is None:
+            cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+        else:
+            cos, sin = scaled_rope_cos_sin(position_ids, *scaled, h.dtype)
 
         state = None  # h_0 = 0: the first MoE layer's router starts from zeros
         hidden_states = [] if output_hidden_states else None

@@ -1,20 +1,54 @@
-"""Model surgery for fine-tuning: freezing the routers, GW-MoE broadcasting during training.
+"""Model surgery for fine-tuning: freezing the routers, GW-MoE broadcasting during training,
+retrofitting a recurrent router onto a linear-router model.
 
 - :func:`freeze_router` sets ``requires_grad=False`` on the routing parameters
   (:func:`router_parameter_names`: rmoe's routers and shared recurrent cell, or the ``router`` /
   ``gate`` parameters of other MoE families), as GW-MoE's fine-tuning scripts do.
 - :func:`gw_training` switches GW-MoE broadcasting (or its same-count random control) on for the
   duration of a block and restores the model's previous setting afterwards.
+- :func:`retrofit_recurrent` turns a linear-router rmoe model (e.g. an imported or upcycled
+  Mixtral / Qwen-MoE) into a recurrent-router one with ``router_base_linear``: layer i's logits
+  are W_i x_i + G_i h_i with W_i the old router and G_i = 0, so it is the same function at the
+  start; :func:`freeze_except_router` then trains only the new recurrent stage.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["freeze_router", "gw_training", "router_parameter_names"]
+__all__ = [
+    "RETROFIT_KEYS",
+    "freeze_except_router",
+    "freeze_router",
+    "gw_training",
+    "retrofit_recurrent",
+    "router_parameter_names",
+]
+
+RETROFIT_KEYS = frozenset(
+    {
+        "router_type",
+        "router_dim",
+        "router_cell",
+        "router_scorer",
+        "router_pass_state",
+        "router_detach_state",
+        "router_share_proj",
+        "router_bias",
+        "router_init",
+        "router_init_std",
+    }
+)
+"""The config keys `retrofit_recurrent` takes (the recurrent stage's; router_type only as
+"recurrent", router_scorer only as "linear"): any other field would change the function."""
+
+_LINEAR_ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.moe\.router\.scorer\.weight\.weight$")
 
 
 def router_parameter_names(model: nn.Module) -> list[str]:
@@ -96,3 +130,119 @@ def gw_training(
         yield
     finally:
         model.set_gw_policy(saved)
+
+
+def _retrofit_config(config: Any, recurrent_kwargs: dict[str, Any]) -> Any:
+    """The recurrent `RMoEConfig` for `retrofit_recurrent` (ValueError for a source or keys
+    that cannot give the same function at the start)."""
+    from ..config import RMoEConfig
+
+    if config.router_type != "linear":
+        raise ValueError(
+            f"retrofit_recurrent takes a model with router_type 'linear' (one W x per layer, "
+            f"what imports and upcycling give), got router_type={config.router_type!r}"
+        )
+    if config.router_bias:
+        raise ValueError(
+            "retrofit_recurrent: the linear router has biases (router_bias true); the "
+            "retrofit's base W_i has none, so it needs a router without biases"
+        )
+    unknown = sorted(set(recurrent_kwargs) - RETROFIT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"retrofit_recurrent takes only the recurrent stage's keys {sorted(RETROFIT_KEYS)}; "
+            f"got {unknown} (other fields would change the model's function)"
+        )
+    kw = {"router_type": "recurrent", "router_scorer": "linear", **recurrent_kwargs}
+    if kw["router_type"] != "recurrent" or kw["router_scorer"] != "linear":
+        raise ValueError(
+            "retrofit_recurrent needs router_type 'recurrent' with router_scorer 'linear' (G_i "
+            f"= 0 makes a linear scorer exactly zero), got {kw['router_type']!r} / "
+            f"{kw['router_scorer']!r}"
+        )
+    fields = config.to_dict()
+    for key in ("architectures", "model_type", "transformers_version", "dtype", "torch_dtype"):
+        fields.pop(key, None)
+    return RMoEConfig(**{**fields, **kw, "router_base_linear": True})
+
+
+def retrofit_recurrent(model_linear: nn.Module, seed: int | None = None, **recurrent_kwargs):
+    """A recurrent-router copy of a linear-router rmoe model that computes the same function.
+
+    The new model has ``router_type="recurrent"`` with ``router_base_linear=True``: layer i's
+    logits are W_i x_i + G_i h_i. W_i (``moe.router.base.weight`` [E, D]) is layer i's old
+    router weight, G_i (the linear scorer on the state, ``moe.router.scorer.weight.*``) is
+    zero, and every other weight and buffer (embeddings, attention, norms, experts, shared
+    experts, expert biases) is copied. The new recurrent stage -- Proj_i, the shared cell --
+    is initialised as a new model's is: from the global random stream, or from
+    `init_weights_seeded(seed)` when `seed` is given. Logits, routing and losses therefore
+    equal the original's exactly at the start (in float32; G_i h_i is exactly 0), and differ
+    once G_i trains. The new model is on the original's device and dtype, in its train/eval
+    mode, with its GW-MoE policy.
+
+    Args:
+        model_linear: an `RMoEForCausalLM` with router_type "linear" and no router biases.
+        seed: seed of the new recurrent stage's init (None = the global random stream).
+        **recurrent_kwargs: the recurrent stage's config keys (`RETROFIT_KEYS`), e.g.
+            router_dim=64, router_cell="gru", router_pass_state=False (a preset's keys,
+            `rmoe.modeling.router_presets()["recurrent-np"]`, fit as long as they set no
+            logit residual).
+
+    Returns:
+        The new `RMoEForCausalLM`; the original is not changed.
+
+    Raises:
+        ValueError: not a linear-router model, router biases, or keys outside `RETROFIT_KEYS`.
+    """
+    from ..modeling import RMoEForCausalLM
+
+    config = _retrofit_config(model_linear.config, recurrent_kwargs)
+    new = RMoEForCausalLM(config)
+    if seed is not None:
+        new.init_weights_seeded(seed)
+    source = model_linear.state_dict()
+    target = new.state_dict()
+    with torch.no_grad():
+        for key, value in source.items():
+            match = _LINEAR_ROUTER_KEY.match(key)
+            dest = f"model.layers.{match.group(1)}.moe.router.base.weight" if match else key
+            if dest not in target or target[dest].shape != value.shape:
+                raise ValueError(f"retrofit_recurrent: no place for {key} {tuple(value.shape)}")
+            target[dest].copy_(value)
+        for name, p in new.named_parameters():
+            if ".moe.router.scorer." in name:
+                p.zero_()  # G_i = 0: the recurrent stage starts silent
+    ref = next(model_linear.parameters())
+    new.to(device=ref.device, dtype=ref.dtype)
+    new.set_gw_policy(model_linear.gw_policy)
+    return new.train(model_linear.training)
+
+
+def freeze_except_router(model: nn.Module, train_base: bool = False) -> list[str]:
+    """Train only the router's recurrent stage: ``requires_grad=False`` everywhere except the
+    per-layer projections Proj_i and scorers G_i, the shared cell and the module all layers
+    share (S-proj's projector); the retrofit base W_i (``moe.router.base``) too when
+    `train_base`. For a model without a cell this leaves its routers trainable (the random
+    router's weights stay frozen in use: it reads them detached).
+
+    Returns:
+        The trainable parameter names.
+
+    Raises:
+        ValueError: the model has no router parameters.
+    """
+    from ..modeling.accounting import is_router_parameter
+
+    trainable = []
+    for name, p in model.named_parameters():
+        keep = is_router_parameter(name) and (train_base or ".moe.router.base." not in name)
+        p.requires_grad_(keep)
+        if keep:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(
+            "freeze_except_router: the model has no router parameters to train (no "
+            "'*.moe.router.*', 'router_cell' or 'router_shared' names); it is not an rmoe MoE "
+            "model"
+        )
+    return trainable

@@ -46,6 +46,8 @@ def _producer_text(cfg: Any, uses_cell: bool) -> str:
             text += " (detached state)"
     if getattr(cfg, "router_share_proj", False):
         text += " + S-proj (one projector for all layers)"
+    if getattr(cfg, "router_base_linear", False):
+        text += " + linear base (retrofit: W_i x_i + G_i h_i)"
     alpha = float(getattr(cfg, "router_logit_residual", 0.0) or 0.0)
     if alpha > 0:
         detached = ", detached" if getattr(cfg, "router_detach_residual", False) else ""
@@ -132,6 +134,7 @@ class RMoEAdapter(MoEAdapter):
                     router=moe.router,
                     experts=moe.experts,
                     shared=moe.shared_experts,
+                    shared_gate=getattr(moe, "shared_expert_gate", None),
                     router_space=space,
                 )
             )
@@ -147,6 +150,7 @@ class RMoEAdapter(MoEAdapter):
             routed_scaling_factor=float(getattr(cfg, "router_scale", 1.0)),
             score_correction_bias=bool(getattr(cfg, "router_expert_bias", False)),
             num_shared_experts=int(cfg.num_shared_experts),
+            shared_expert_gate="sigmoid" if getattr(cfg, "shared_expert_gate", False) else None,
             router=self._router_type().description,
         )
 

@@ -17,6 +17,7 @@ per MoE layer i,
     x'_i = Proj_i(x_i)              Proj_i: D -> P (per layer; one for all with router_share_proj)
     h_i  = Cell(x'_i, h_{i-1})      ONE cell shared by all MoE layers, h_0 = 0
     logits_i = Scorer_i(h_i)        per-layer scorer P -> E (linear by default)
+             (+ W_i x_i             the retrofit router's linear base, router_base_linear)
 
 The state is per token and carried over depth only; the model threads it explicitly from layer
 to layer (it is never stored on a module). With a logit residual the state also carries the
@@ -370,6 +371,10 @@ class RecurrentRouter(Router):
     The paper's other ablations: "NP + r-alpha" (NP with `router_logit_residual=alpha`),
     "detach-r" (the same residual, detached) and "S-proj" (`router_share_proj`: one Proj for
     every layer, owned by the model).
+
+    `router_base_linear` (the retrofit router) adds a per-layer linear base:
+    logits_i = W_i x_i + Scorer_i(h_i), W_i = `base` [E, D] (no bias); see
+    `rmoe.training.surgery.retrofit_recurrent`.
     """
 
     name = "recurrent"
@@ -405,6 +410,12 @@ class RecurrentRouter(Router):
         self.scorer = build_scorer(config.router_scorer, config.router_dim, config)
         self.pass_state = config.router_pass_state
         self.detach_state = config.router_detach_state
+        # the retrofit router's linear base W_i [E, D] (only built when router_base_linear)
+        self.base = (
+            RouterLinear.from_config(d, config.num_experts, config, bias=False)
+            if config.router_base_linear
+            else None
+        )
 
     @classmethod
     def build_shared(cls, config: RMoEConfig) -> nn.Module | None:
@@ -423,7 +434,8 @@ class RecurrentRouter(Router):
         d, p = config.hidden_size, config.router_dim
         sp, sm = SCORERS.lookup(config.router_scorer).counts(p, config)
         own_proj = 0 if config.router_share_proj else cls._proj_params(config)
-        return own_proj + sp, d * p + sm
+        base = d * config.num_experts if config.router_base_linear else 0
+        return own_proj + sp + base, d * p + sm + base
 
     @classmethod
     def shared_counts(cls, config: RMoEConfig) -> tuple[int, int]:
@@ -441,7 +453,10 @@ class RecurrentRouter(Router):
         else:
             prev = state.detach() if self.detach_state else state
         new_state = cell(xp, prev.to(xp.dtype))
-        return self.scorer(cell.output(new_state)), new_state
+        logits = self.scorer(cell.output(new_state))
+        if self.base is not None:  # retrofit: W_i x_i + Scorer_i(h_i)
+            logits = self.base(x) + logits
+        return logits, new_state
 
 
 def build_router(config: RMoEConfig) -> Router:
