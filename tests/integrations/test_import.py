@@ -19,7 +19,6 @@ from tests.integrations.test_export import _model as rmoe_model
 from rmoe.cli import import_hf as cli_import
 from rmoe.cli.main import main
 from rmoe.data import build_tokenizer
-from rmoe.integrations.checkpoints import rmoe_options
 from rmoe.integrations.export import export_model
 from rmoe.integrations.families import BASE_INERT, DENSE_FAMILIES, FAMILIES
 from rmoe.integrations.importing import ROUTERS, import_checkpoint
@@ -27,7 +26,6 @@ from rmoe.loading import load_model
 from rmoe.runtime import DTYPES
 
 VOCAB = 64
-HAS = rmoe_options()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,32 +111,28 @@ def load(path):
 
 
 CASES = {
-    "mixtral": ("mixtral", {}, ()),
-    "mixtral-tied-head_dim": ("mixtral", dict(tie_word_embeddings=True, head_dim=12), ()),
-    "mixtral-rope-theta": ("mixtral", dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0}), ()),
-    "olmoe": ("olmoe", {}, ("qk_norm",)),
-    "olmoe-bias-norm-topk": ("olmoe", dict(attention_bias=True, norm_topk_prob=True), ("qk_norm", "bias")),
-    "qwen2_moe": ("qwen2_moe", {}, ("bias", "gate")),
-    "qwen2_moe-dense-step": ("qwen2_moe", dict(mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True), ("bias", "gate")),
-    "qwen3_moe": ("qwen3_moe", dict(head_dim=12), ("qk_norm",)),
-    "qwen3_moe-dense-bias": ("qwen3_moe", dict(mlp_only_layers=[1], attention_bias=True), ("qk_norm", "bias")),
+    "mixtral": ("mixtral", {}),
+    "mixtral-tied-head_dim": ("mixtral", dict(tie_word_embeddings=True, head_dim=12)),
+    "mixtral-rope-theta": ("mixtral", dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "olmoe": ("olmoe", {}),
+    "olmoe-bias-norm-topk": ("olmoe", dict(attention_bias=True, norm_topk_prob=True)),
+    "qwen2_moe": ("qwen2_moe", {}),
+    "qwen2_moe-dense": ("qwen2_moe", dict(mlp_only_layers=[0], norm_topk_prob=True)),
+    "qwen2_moe-sparse-step": ("qwen2_moe", dict(decoder_sparse_step=2)),
+    "qwen3_moe": ("qwen3_moe", dict(head_dim=12)),
+    "qwen3_moe-dense-bias": ("qwen3_moe", dict(mlp_only_layers=[1], attention_bias=True)),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_gives_the_same_logits_and_greedy_tokens(case, tmp_path):
-    family, overrides, needed = CASES[case]
-    for need in needed:
-        if need == "qk_norm" and "qk_norm" not in HAS:
-            pytest.skip("rmoe has no qk_norm yet")
-        if need == "bias" and "attention_bias" not in HAS:
-            pytest.skip("rmoe has no attention biases yet")
-        if need == "gate" and "shared_expert_gate" not in HAS:
-            pytest.skip("rmoe has no shared expert gate yet")
+    family, overrides = CASES[case]
     hf = hf_checkpoint(tmp_path / "hf", family, **overrides)
     res = import_checkpoint(tmp_path / "hf", tmp_path / "out")
     assert {"config.json", "model.safetensors", "tokenizer.json", "train.yaml"} <= set(res.files)
     assert res.source == family and res.router == "linear"
+    if "decoder_sparse_step" in overrides:  # layers 0 and 2 are off the step: dense layers
+        assert res.config.mlp_only_layers == [0, 2] and any("sparse_step" in n for n in res.notes)
     assert_same_function(load(tmp_path / "out"), hf)
 
 
@@ -179,8 +173,6 @@ def test_import_export_round_trip_keeps_the_weights(case, tmp_path):
     """rmoe -> family -> rmoe gives back the same tensors, bit for bit (Qwen2-MoE's ungated
     shared expert travels as a doubled down projection behind a zero gate, and back)."""
     family, options = TRIPS[case]
-    if any(name not in HAS for name in options if name != "num_shared_experts"):
-        pytest.skip("rmoe has no q/k norm / attention bias options yet")
     ours = rmoe_model(**options)
     export_model(ours, family, tmp_path / family)
     save_tokenizer(tmp_path / family)
@@ -327,18 +319,6 @@ def test_finetune_an_imported_model(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # Retrofitting a recurrent router
 # ----------------------------------------------------------------------------------------------
-def _has_retrofit() -> bool:
-    try:
-        from rmoe.training.surgery import retrofit_recurrent  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_retrofit = pytest.mark.skipif(not _has_retrofit(), reason="no retrofit_recurrent yet")
-
-
-@needs_retrofit
 def test_retrofit_on_import_keeps_the_logits_then_trains_apart(tmp_path):
     hf = hf_checkpoint(tmp_path / "hf", "mixtral")
     res = import_checkpoint(tmp_path / "hf", tmp_path / "out", router="recurrent", router_dim=8)
@@ -356,7 +336,6 @@ def test_retrofit_on_import_keeps_the_logits_then_trains_apart(tmp_path):
         assert (model(ids).logits - hf(ids).logits).abs().max() > 1e-3
 
 
-@needs_retrofit
 def test_retrofit_an_rmoe_run(tmp_path, capsys):
     ours = rmoe_model(vocab_size=258, pad_token_id=257, bos_token_id=256, eos_token_id=256)
     ours.save_pretrained(tmp_path / "run")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.integrations.test_import import (
-    HAS,
     VOCAB,
     assert_same_function,
     hf_checkpoint,
@@ -18,12 +17,8 @@ from rmoe.cli.main import main
 from rmoe.integrations.families import DENSE_FAMILIES
 from rmoe.integrations.upcycle import upcycle_checkpoint
 
-NEEDS = {"qwen2": "attention_bias", "qwen3": "qk_norm"}
-
 
 def dense(path, family: str, **overrides):
-    if family in NEEDS and NEEDS[family] not in HAS:
-        pytest.skip(f"rmoe has no {NEEDS[family]} yet")
     return hf_checkpoint(path, family, DENSE_FAMILIES, intermediate_size=48, **overrides)
 
 
@@ -44,8 +39,6 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_copies_give_the_dense_models_logits_at_the_start(case, tmp_path):
     family, overrides, options = CASES[case]
-    if "attention_bias" in overrides and "attention_bias" not in HAS:
-        pytest.skip("rmoe has no attention biases yet")
     hf = dense(tmp_path / "hf", family, **overrides)
     res = upcycle_checkpoint(tmp_path / "hf", tmp_path / "out", experts=4, top_k=2, **options)
     assert res.source == family and res.config.num_experts == 4
