@@ -11,17 +11,26 @@ so that steps x FLOPs/token x tokens/step equals the reference arm's (the spec's
 `budget.flops_reference`, at the same depth and seed). FLOPs/token come from
 `rmoe.modeling.accounting.count_config` (forward matmul FLOPs, router included; training costs
 ~3x forward for every arm, so the ratio is the same).
+
+An arm with `init_from` (see `rmoe.experiments.spec`) takes its model section and depth from
+the checkpoint (`checkpoint_model`), and its FLOPs count the continued training only: the
+pre-training that made the checkpoint is not part of any arm's budget.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from ..modeling.accounting import ModelCounts, count_config
 from ..training.config import TrainConfig, set_key
-from .spec import ROUTER_VARIANTS, ArmSpec, ExperimentSpec
+from .spec import CHECKPOINT_ROUTER, ROUTER_VARIANTS, ArmSpec, ExperimentSpec
+
+_TOKEN_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+"""Model keys `rmoe train` takes from the tokenizer, so a run config's model section omits."""
 
 
 @dataclass
@@ -43,6 +52,8 @@ class ArmRun:
             preset, so they win (a sweep setting's keys included).
         family: the arm's name before the sweep (= arm without a sweep).
         setting: the sweep setting ("" without a sweep).
+        init_from: the checkpoint the run continues training (as written in the spec; None =
+            a fresh model). `summary()` names it only when set.
     """
 
     run_id: str
@@ -58,6 +69,7 @@ class ArmRun:
     settings: dict[str, Any] = field(default_factory=dict)
     family: str = ""
     setting: str = ""
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -84,8 +96,8 @@ class ArmRun:
         return self.config.train.max_steps
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready description of the run (no config)."""
-        return {
+        """JSON-ready description of the run (no config); `init_from` only when set."""
+        out = {
             "run_id": self.run_id,
             "arm": self.arm,
             "family": self.family,
@@ -106,6 +118,9 @@ class ArmRun:
             "router_flops_per_token": self.counts.router_flops_per_token,
             "train_flops": self.train_flops,
         }
+        if self.init_from is not None:
+            out["init_from"] = self.init_from
+        return out
 
 
 def format_value(value: Any) -> str:
@@ -147,13 +162,71 @@ def vocab_size_of(tokenizer: str) -> int:
     return build_tokenizer(tokenizer).vocab_size
 
 
+@lru_cache(maxsize=32)
+def _read_checkpoint_model(model_dir: str, mtime: float) -> tuple[tuple[str, Any], ...]:
+    from ..config import RMoEConfig
+    from ..training.config import model_field_names
+
+    config = RMoEConfig.from_pretrained(model_dir)
+    names = [n for n in model_field_names() if n not in _TOKEN_KEYS]
+    model = {n: copy.deepcopy(getattr(config, n)) for n in names if hasattr(config, n)}
+    model["vocab_size"] = int(config.vocab_size)
+    return tuple(model.items())
+
+
+def checkpoint_model(init_from: str | Path) -> tuple[dict[str, Any], int]:
+    """The model section (without vocabulary size and token ids, which `rmoe train` takes from
+    the tokenizer) and the vocabulary size of the checkpoint an `init_from` arm starts from.
+
+    Args:
+        init_from: a run directory or a model directory with config.json (relative to the
+            working directory), as `rmoe train --init-from` takes.
+
+    Raises:
+        FileNotFoundError: no model there (make the checkpoint first, e.g. with `rmoe import`).
+    """
+    from ..loading import find_model_dir
+
+    model_dir = find_model_dir(init_from)
+    mtime = (model_dir / "config.json").stat().st_mtime
+    model = dict(_read_checkpoint_model(str(model_dir.resolve()), mtime))
+    vocab = int(model.pop("vocab_size"))
+    return copy.deepcopy(model), vocab
+
+
+def _check_router(arm: ArmSpec, model: dict[str, Any]) -> None:
+    """An init_from arm's `router:` (when named) must be the checkpoint's (ValueError)."""
+    if arm.router == CHECKPOINT_ROUTER:
+        return
+    wrong = {k: v for k, v in ROUTER_VARIANTS[arm.router].items() if model.get(k) != v}
+    if wrong:
+        key = next(iter(wrong))
+        raise ValueError(
+            f"arm {arm.name!r}: router: {arm.router} but the checkpoint {arm.init_from!r} has "
+            f"{key}={model.get(key)!r} (the variant sets {key}={wrong[key]!r}); an init_from arm "
+            "keeps its checkpoint's router: retrofit one with `rmoe import --router recurrent` "
+            "and point the arm there, or drop `router:`"
+        )
+
+
 def arm_config(
     spec: ExperimentSpec, arm: ArmSpec, depth: int, seed: int, base: TrainConfig | None = None
 ) -> TrainConfig:
-    """The TrainConfig of one (arm, depth, seed) before budget matching."""
+    """The TrainConfig of one (arm, depth, seed) before budget matching. An `init_from` arm's
+    model section is its checkpoint's (`checkpoint_model`; `depth` must be the checkpoint's)."""
     cfg = copy.deepcopy(base if base is not None else spec.base_config())
-    for key, value in ROUTER_VARIANTS[arm.router].items():
-        cfg.model[key] = value
+    if arm.init_from:
+        model, _ = checkpoint_model(arm.init_from)
+        _check_router(arm, model)
+        if int(model.get("num_hidden_layers", depth)) != int(depth):
+            raise ValueError(
+                f"arm {arm.name!r}: depth {depth} but its checkpoint {arm.init_from!r} has "
+                f"{model.get('num_hidden_layers')} layers; drop `depths` from an init_from arm"
+            )
+        cfg.model = model
+    else:
+        for key, value in ROUTER_VARIANTS[arm.router].items():
+            cfg.model[key] = value
     cfg.model["num_hidden_layers"] = int(depth)
     for key, value in arm.set.items():
         set_key(cfg, key, value)
@@ -201,7 +274,8 @@ def plan_runs(spec: ExperimentSpec, only: list[str] | None = None) -> list[ArmRu
 
     def build(arm: ArmSpec, depth: int, seed: int) -> ArmRun:
         cfg = arm_config(spec, arm, depth, seed, base)
-        counts = count_config(cfg.model_config(vocab_size=vocab), cfg.data.seq_len)
+        arm_vocab = checkpoint_model(arm.init_from)[1] if arm.init_from else vocab
+        counts = count_config(cfg.model_config(vocab_size=arm_vocab), cfg.data.seq_len)
         return ArmRun(
             run_id=f"{arm.name}-L{depth}-s{seed}",
             arm=arm.name,
@@ -212,15 +286,21 @@ def plan_runs(spec: ExperimentSpec, only: list[str] | None = None) -> list[ArmRu
             config=cfg,
             counts=counts,
             match=arm.match,
-            preset=dict(ROUTER_VARIANTS[arm.router]),
+            preset={} if arm.init_from else dict(ROUTER_VARIANTS[arm.router]),
             settings=dict(arm.set),
             family=arm.family,
             setting=arm.setting,
+            init_from=arm.init_from,
         )
+
+    def depths_of(arm: ArmSpec) -> list[int]:
+        if arm.init_from:  # the checkpoint's depth
+            return [int(checkpoint_model(arm.init_from)[0].get("num_hidden_layers", 4))]
+        return arm.depths or default_depths
 
     runs: list[ArmRun] = []
     for arm in spec.arms:
-        for depth in arm.depths or default_depths:
+        for depth in depths_of(arm):
             for seed in arm.seeds or spec.seeds:
                 run = build(arm, depth, seed)
                 if arm.match == "flops":

@@ -10,7 +10,9 @@ when done, `arm_results.json` from `rmoe.experiments.evaluate`. A run is
 * `resume`    when it has a checkpoint before max_steps: `rmoe train ... --resume` continues it;
 * `new`       otherwise.
 
-Training is `python -m rmoe.cli.main train arm.yaml --out DIR [--resume] --no-progress`;
+Training is `python -m rmoe.cli.main train arm.yaml --out DIR [--resume] --no-progress`, plus
+`--init-from PATH` for an arm that starts from a checkpoint (the spec's `init_from`, resolved
+against the working directory);
 evaluation is `python -m rmoe.experiments.evaluate DIR`. Up to `workers` runs proceed at once.
 
 Task scores. When the spec's `eval.tasks` asks for lm-evaluation-harness tasks that a finished
@@ -118,6 +120,14 @@ def write_arm_config(run: ArmRun, run_dir: Path, threads: int = 0) -> Path:
     return path
 
 
+def _saved_init_from(run_dir: Path) -> str | None:
+    """The `init_from` recorded in a run directory's `arm.json` (None when none)."""
+    try:
+        return json.loads((run_dir / "arm.json").read_text()).get("init_from")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def _comparable(cfg: dict) -> dict:
     """A run config without the settings that may differ between machines (threads)."""
     cfg = json.loads(json.dumps(cfg))
@@ -146,7 +156,9 @@ def import_results(run: ArmRun, run_dir: Path, results_dir: Path) -> bool:
     if not (src / RESULTS_FILE).is_file() or not (src / "arm.yaml").is_file():
         return False
     saved = yaml.safe_load((src / "arm.yaml").read_text()) or {}
-    if _comparable(saved) != _comparable(run.config.to_dict()):
+    if _comparable(saved) != _comparable(run.config.to_dict()) or (
+        run.init_from is not None and _saved_init_from(src) != run.init_from
+    ):
         log.warning(
             "%s: committed results in %s are for another config; retraining", run.run_id, src
         )
@@ -168,7 +180,9 @@ def set_aside_if_changed(run: ArmRun, run_dir: Path) -> Path | None:
     if not saved_path.is_file():
         return None
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    if _comparable(saved) == _comparable(run.config.to_dict()):
+    if _comparable(saved) == _comparable(run.config.to_dict()) and (
+        run.init_from is None or _saved_init_from(run_dir) == run.init_from
+    ):
         return None
     n = 1
     while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
@@ -334,6 +348,8 @@ def _train_and_evaluate(
                 (run_dir / stale).unlink(missing_ok=True)
         cmd = [python, "-m", "rmoe.cli.main", "train", str(cfg_path), "--out", str(run_dir)]
         cmd += ["--no-progress"] + (["--resume"] if state == "resume" else [])
+        if run.init_from is not None:
+            cmd += ["--init-from", str(Path(run.init_from).expanduser().resolve())]
         rc = children.run(cmd, log_path, env)
         if rc != 0:
             return RunOutcome(run.run_id, "failed", rc, time.perf_counter() - t0, _tail(log_path))

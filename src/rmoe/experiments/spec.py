@@ -29,6 +29,7 @@ A spec is YAML::
       - {name: rmoe, router: recurrent}
       - {name: smoe-flops, router: linear, match: flops, seeds: [0]}
       - {name: rmoe-p64, router: recurrent, set: {model.router_dim: 64}}
+      - {name: cont, init_from: models/qwen3-rmoe}   # continue training a checkpoint
     sweep:                          # optional: EVERY arm runs each setting (the same tuning
       - {name: normal}              #   budget for all); an arm's setting is chosen on
       - {name: uniform, set: {model.router_init: uniform}}   # compare.select_on
@@ -46,6 +47,20 @@ families: a FLOP-matched arm gets the flops of the reference family at the same 
       - {name: rmoe-lossfree, router: recurrent,
          set: {model.router_score_func: sigmoid, model.router_expert_bias: true,
                model.router_aux_loss_coef: 0.0}}
+
+Arms that start from a checkpoint. `init_from: PATH` (a run directory or a model directory
+with config.json, as `rmoe train --init-from` takes) makes the arm continue training that
+model: its `model:` section is the checkpoint's architecture (read from PATH's config.json
+when the runs are planned; the spec's model overrides and router presets do not apply, an
+arm's own `model.*` keys in `set:` still do), its weights and tokenizer come from PATH, and its
+steps, data, optimiser and seeds are the spec's as for any arm. A relative PATH is resolved
+against the working directory `rmoe experiment` runs in (like `results:`), not the spec file's
+folder. `router:` is optional for such an arm (shown as `checkpoint`); when given it must name
+a variant whose keys the checkpoint already has (a check, not a change: the recurrent router
+is retrofitted by `rmoe import --router recurrent`, so "continue with the original router" vs
+"retrofit the recurrent router" is two arms pointing at two imports of the same model). Its
+FLOPs and `match: flops` budget count the continued training only. Specs without `init_from`
+read, plan and export exactly as before.
 
 Router variants (`router:`) name a set of model keys; see `ROUTER_VARIANTS` (built from the
 router registry, `rmoe.registry.ROUTERS`, and each router class's presets).
@@ -97,7 +112,9 @@ _SPEC_KEYS = {
     "results",
 }
 _COMPARE_KEYS = {"margin", "alpha", "select_on", "report_on"}
-_ARM_KEYS = {"name", "router", "set", "seeds", "depths", "match", "label"}
+_ARM_KEYS = {"name", "router", "set", "seeds", "depths", "match", "label", "init_from"}
+CHECKPOINT_ROUTER = "checkpoint"
+"""The `router` shown for an `init_from` arm that names none (its router is the checkpoint's)."""
 _EVAL_KEYS = {"splits", "batches", "batch_size", "routing_tokens", "bootstrap", "mi_bins"}
 _TASK_KEYS = ("tasks", "task_limit", "task_include")
 """The optional downstream-task keys of `eval:` (left out of `ExperimentSpec.to_dict` when
@@ -121,6 +138,9 @@ class ArmSpec:
         label: display name in tables and plots (default: name).
         family: the arm's name before the sweep expanded it (= name when not swept).
         setting: the sweep setting this arm runs ("" when the spec has no sweep).
+        init_from: run or model directory the arm continues training from (None = a fresh
+            model); relative to the working directory. See "Arms that start from a
+            checkpoint" in the module doc.
     """
 
     name: str
@@ -132,6 +152,7 @@ class ArmSpec:
     label: str = ""
     family: str = ""
     setting: str = ""
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -282,13 +303,17 @@ class ExperimentSpec:
         return from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (YAML/JSON-ready); `eval`'s task keys only when it has tasks."""
+        """Plain dict (YAML/JSON-ready); `eval`'s task keys only when it has tasks, an arm's
+        `init_from` only when it has one (so older specs read exactly as before)."""
         import dataclasses
 
         out = dataclasses.asdict(self)
         if not self.eval.tasks:
             for key in _TASK_KEYS:
                 out["eval"].pop(key, None)
+        for arm in out["arms"]:
+            if arm.get("init_from") is None:
+                arm.pop("init_from", None)
         return out
 
 
@@ -369,9 +394,17 @@ def spec_from_dict(raw: dict[str, Any]) -> ExperimentSpec:
         if not isinstance(a, dict):
             raise ValueError(f"spec {name!r}: arms[{i}] must be a mapping with name and router")
         _check_keys(a, _ARM_KEYS, f"arms[{i}]")
+        init_from = a.get("init_from")
+        if init_from is not None and (not isinstance(init_from, str) or not init_from):
+            raise ValueError(
+                f"spec {name!r}: arms[{i}].init_from must be a path, got {init_from!r}"
+            )
+        if init_from is not None:
+            a.setdefault("router", CHECKPOINT_ROUTER)
         if "name" not in a or "router" not in a:
             raise ValueError(f"spec {name!r}: arms[{i}] needs `name` and `router`")
         arm = ArmSpec(
+            init_from=init_from,
             name=str(a["name"]),
             router=str(a["router"]),
             set=dict(a.get("set") or {}),
@@ -448,6 +481,7 @@ def _swept(arm: ArmSpec, setting: SweepSetting) -> ArmSpec:
         label=f"{arm.label}@{setting.name}",
         family=arm.name,
         setting=setting.name,
+        init_from=arm.init_from,
     )
 
 
@@ -469,7 +503,7 @@ def validate_spec(spec: ExperimentSpec) -> None:
         if a.name in seen:
             raise ValueError(f"arm name {a.name!r} appears twice in spec {spec.name!r}")
         seen.add(a.name)
-        if a.router not in ROUTER_VARIANTS:
+        if not (a.init_from and a.router == CHECKPOINT_ROUTER) and a.router not in ROUTER_VARIANTS:
             raise ValueError(
                 f"arm {a.name!r}: unknown router {a.router!r}; expected one of "
                 f"{list(ROUTER_VARIANTS)}" + nearest(a.router, ROUTER_VARIANTS)
@@ -515,9 +549,12 @@ def validate_spec(spec: ExperimentSpec) -> None:
     _validate_tasks(e)
     if spec.workers < 1:
         raise ValueError(f"workers must be >= 1, got {spec.workers}")
-    # every arm's config must build
+    # every arm's config must build (an init_from arm's model is the checkpoint's: checked when
+    # the runs are planned, since the checkpoint may be made after the spec is written)
     base = spec.base_config()
     for a in spec.arms:
+        if a.init_from:
+            continue
         cfg = copy.deepcopy(base)
         for key, value in ROUTER_VARIANTS[a.router].items():
             cfg.model[key] = value
