@@ -126,3 +126,18 @@ def test_cli_end_to_end_then_train(tmp_path, corpus_file, capsys):
              "--set", "train.eval_batches=1", "--set", "train.threads=1"]  # fmt: skip
     assert main(train) == 0
     assert load(tmp_path / "run").config.router_type == "recurrent"
+
+
+def test_init_from_a_model_with_a_padded_vocabulary_trains(tmp_path, corpus_file):
+    # Qwen / OLMoE checkpoints pad the embedding beyond the tokenizer: the run keeps the
+    # model's vocabulary (80) rather than the tokenizer's (64)
+    dense(tmp_path / "hf", "qwen2", vocab_size=80)
+    out = tmp_path / "moe"
+    upcycle_checkpoint(tmp_path / "hf", out, experts=4, top_k=2)
+    train = ["train", str(out / "train.yaml"), "--init-from", str(out), "--out", str(tmp_path / "run"),
+             "--no-progress", "--no-gap-report", "--set", f"data.corpus=text:{corpus_file}",
+             "--set", "data.seq_len=16", "--set", "data.batch_size=2",
+             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.max_steps=2",
+             "--set", "train.eval_batches=1", "--set", "train.threads=1"]  # fmt: skip
+    assert main(train) == 0
+    assert load(tmp_path / "run").config.vocab_size == 80

@@ -221,8 +221,8 @@ def align_special_tokens(
             + (
                 "rmoe commands refuse a tokenizer larger than the model"
                 if size > vocab_size
-                else "eval, generate and finetune work; rmoe train --init-from builds the model "
-                "with the tokenizer's size and so cannot start from this folder yet"
+                else "a padded embedding: rmoe commands use the model's vocabulary (the extra "
+                "rows are never produced by the tokenizer)"
             )
         )
     return notes

@@ -30,9 +30,9 @@ def evaluate_path(
     corpus_spec = data or data_cfg.get("corpus", "python-stdlib")
     field = text_field or data_cfg.get("text_field", "text")
     seq_len = seq_len or data_cfg.get("seq_len", 256)
-    if model.config.vocab_size != tokenizer.vocab_size:
+    if model.config.vocab_size < tokenizer.vocab_size:  # a padded embedding (larger) is fine
         raise ValueError(
-            f"the model's vocabulary ({model.config.vocab_size}) differs from the tokenizer's "
+            f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
             f"({tokenizer.vocab_size}); evaluate with the tokenizer the model was trained with"
         )
     corpus = get_corpus(corpus_spec, text_field=field)

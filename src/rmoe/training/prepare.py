@@ -169,18 +169,38 @@ def evaluation_steps(cfg: TrainConfig) -> set[int]:
     return steps
 
 
+def _vocab_size(cfg: TrainConfig, tokenizer, init_dir: Path | None) -> int:
+    """The model's vocabulary: the tokenizer's size, or, when starting from a model whose
+    embedding is padded beyond its tokenizer (Qwen, OLMoE checkpoints), that model's size."""
+    vocab = tokenizer.vocab_size
+    if init_dir is not None and (init_dir / "config.json").is_file():
+        import json
+
+        init_vocab = json.loads((init_dir / "config.json").read_text()).get("vocab_size")
+        if isinstance(init_vocab, int) and init_vocab != vocab:
+            if init_vocab < vocab:
+                raise ValueError(
+                    f"the tokenizer has {vocab} tokens but the model in {init_dir} has a "
+                    f"vocabulary of {init_vocab}; use the tokenizer saved with that model"
+                )
+            vocab = init_vocab
+    if "vocab_size" in cfg.model and cfg.model["vocab_size"] != vocab:
+        raise ValueError(
+            f"model.vocab_size={cfg.model['vocab_size']} but the model needs {vocab} "
+            "(the tokenizer's size, or the --init-from model's); drop model.vocab_size "
+            "(it is set from the tokenizer)"
+        )
+    return vocab
+
+
 def build_model(cfg: TrainConfig, tokenizer, init_dir: Path | None) -> RMoEForCausalLM:
     """The run's model, seeded (router weights from their own stream), with the weights of
     ``init_dir`` when starting from another run."""
     seed_everything(cfg.train.seed)
-    if "vocab_size" in cfg.model and cfg.model["vocab_size"] != tokenizer.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model['vocab_size']} but the tokenizer has "
-            f"{tokenizer.vocab_size} tokens; drop model.vocab_size (it is set from the tokenizer)"
-        )
+    vocab = _vocab_size(cfg, tokenizer, init_dir)
     model = RMoEForCausalLM(
         cfg.model_config(
-            vocab_size=tokenizer.vocab_size,
+            vocab_size=vocab,
             pad_token_id=tokenizer.pad_id,
             eos_token_id=tokenizer.eos_id,
             bos_token_id=tokenizer.eos_id,
