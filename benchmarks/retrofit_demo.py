@@ -122,7 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "demo.log"
     t0 = time.time()
     pre = out / "pretrain"
-    if not (pre / "train_status.json").exists() and not list(pre.glob("checkpoints/step-*")):
+    if (pre / "config.yaml").exists():
+        done = yaml.safe_load((pre / "config.yaml").read_text())["train"]["max_steps"]
+        if done != args.pretrain_steps:
+            raise SystemExit(
+                f"{pre} was pretrained for {done} steps, not {args.pretrain_steps}: "
+                "give another --out (or the same --pretrain-steps)"
+            )
+    if not list(pre.glob("checkpoints/step-*")):
         sets = {**PRETRAIN, "train.max_steps": args.pretrain_steps}
         flags = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
         rmoe("train", "tiny", "--out", str(pre), "--no-progress", *flags, log=log)
@@ -164,13 +171,24 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "seeds": seeds,
         "seconds": round(time.time() - t0),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{_cpu()}, {os.cpu_count()} cores",
     }
     (out / "table.json").write_text(json.dumps(table, indent=1))
     text = render(table, summary, args)
     print(text)
     if args.write_doc:
         (ROOT / "docs" / "retrofit-demo.md").write_text(text)
+
+
+def _cpu() -> str:
+    """The CPU model name (Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def render(table: dict[str, Any], summary: str, args: argparse.Namespace) -> str:
