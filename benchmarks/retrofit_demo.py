@@ -220,7 +220,8 @@ def render(table: dict[str, Any], summary: str, args: argparse.Namespace) -> str
             f"{table['seconds'] // 60} min on {table['machine']}, shared with another job):",
             "",
             "```",
-            f"nice -n 5 .venv/bin/python benchmarks/retrofit_demo.py --pretrain-steps "
+            f"nice -n 5 .venv/bin/python benchmarks/retrofit_demo.py --out {args.out} "
+            "--pretrain-steps "
             f"{table['pretrain_steps']} --steps {table['steps']} --seeds "
             f"{','.join(map(str, table['seeds']))} --write-doc",
             "```",
@@ -233,10 +234,14 @@ def render(table: dict[str, Any], summary: str, args: argparse.Namespace) -> str
             *compare,
             "## Caveats",
             "",
-            "- Tiny model, a few hundred steps, 2 seeds: a smoke test of the pipeline "
+            "- Tiny model, a few hundred steps, a few seeds: a smoke test of the pipeline "
             "(export -> import -> retrofit -> continued training as one spec), not evidence "
             "about the recurrent router. Read the difference as inconclusive unless the "
-            "interval in the comparison excludes 0, and even then only for this toy setting.",
+            "interval in the comparison excludes 0, and even then only for this toy setting. "
+            "An `equivalent` verdict is expected here: the retrofit starts with the state "
+            "scorer G at zero (the linear router's function), and a few hundred steps at "
+            "width 64 leave little room for the state to matter; it says the retrofit does "
+            "no harm at this scale, not that the recurrent router helps or does not.",
             "- The retrofitted arm has more router parameters (the recurrent stage) and slightly "
             "more FLOPs per token; both arms run the same number of steps (`match: tokens`). The "
             "FLOPs of an `init_from` arm count the continued training only.",
