@@ -215,7 +215,8 @@ def peak_memory(
 # ----------------------------------------------------------------------------------------------
 # machine record and output
 # ----------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model name (Linux), else the platform's processor or machine type."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -251,7 +252,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1m": _load(),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,6 +34,10 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `python benchmarks/retrofit_demo.py`
+    sys.path.insert(0, str(ROOT))
+from benchmarks.common import cpu_model  # noqa: E402
+
 SPEC = ROOT / "src" / "rmoe" / "configs" / "experiments" / "retrofit-demo.yaml"
 PRETRAIN = {
     "model.hidden_size": 64,
@@ -171,24 +174,13 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "seeds": seeds,
         "seconds": round(time.time() - t0),
-        "machine": f"{_cpu()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
     }
     (out / "table.json").write_text(json.dumps(table, indent=1))
     text = render(table, summary, args)
     print(text)
     if args.write_doc:
         (ROOT / "docs" / "retrofit-demo.md").write_text(text)
-
-
-def _cpu() -> str:
-    """The CPU model name (Linux), else the platform's machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render(table: dict[str, Any], summary: str, args: argparse.Namespace) -> str:
