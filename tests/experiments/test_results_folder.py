@@ -80,3 +80,23 @@ def test_a_changed_config_sets_the_old_run_aside(spec_dict, tmp_path):
     stale = set_aside_if_changed(changed, d)
     assert stale is not None and stale.name == f"{run.run_id}.stale-1"
     assert (stale / RESULTS_FILE).is_file() and not d.exists()
+
+
+def test_results_written_before_a_field_existed_still_import(spec_dict, tmp_path):
+    """An `arm.yaml` committed before a config field was added (here `train.trainable`, whose
+    default trains everything) matches a run that leaves the field at its default; a run
+    that sets it otherwise does not."""
+    import yaml
+
+    results = tmp_path / "results"
+    spec = _spec(spec_dict, results)
+    run = plan_runs(spec)[0]
+    execute_runs([run], tmp_path / "a", spec.eval, 1, 1, results_dir=results)
+    saved = results / run.run_id / "arm.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    del cfg["train"]["trainable"]  # as an older rmoe wrote it
+    saved.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert import_results(run, tmp_path / "b" / "x", results)
+    frozen = plan_runs(_spec(spec_dict, results, trainable="router"))[0]
+    assert frozen.run_id == run.run_id
+    assert not import_results(frozen, tmp_path / "c" / "x", results)

@@ -129,8 +129,17 @@ def _saved_init_from(run_dir: Path) -> str | None:
 
 
 def _comparable(cfg: dict) -> dict:
-    """A run config without the settings that may differ between machines (threads)."""
+    """A run config without the settings that may differ between machines (threads), with
+    the fields it lacks filled with today's defaults: a config written before a field was
+    added to `data`/`optim`/`train` compares equal to one that leaves it at its default. A
+    config that no longer parses is returned as written (so it compares unequal)."""
+    from ..training.config import from_dict
+
     cfg = json.loads(json.dumps(cfg))
+    try:
+        cfg = json.loads(json.dumps(from_dict(cfg).to_dict()))
+    except (ValueError, TypeError):
+        pass
     cfg.get("train", {}).pop("threads", None)
     return cfg
 

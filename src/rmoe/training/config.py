@@ -78,6 +78,9 @@ class OptimConfig:
     router_weight_decay: float | None = None
 
 
+TRAINABLE_CHOICES = ("all", "router", "router+base")
+
+
 @dataclass
 class RunConfig:
     """How long, how often, where and on what.
@@ -101,6 +104,10 @@ class RunConfig:
         eval_at: extra steps at which to evaluate (0 = before the first step).
         eval_log_points: if > 0, also evaluate at step 0 and at about this many log-spaced steps
             in [1, max_steps] (dense at the start: stability-gap curves).
+        trainable: which parameters train: `all`; `router` (only the recurrent stage: every
+            Proj_i, G_i and the shared cell; a retrofit's original W_i stay frozen, a model
+            without a cell trains its routers); `router+base` (that, plus the retrofit's W_i).
+            Everything else gets ``requires_grad=False`` and no optimizer state.
     """
 
     max_steps: int = 1000
@@ -119,6 +126,7 @@ class RunConfig:
     time_limit_s: float = 0.0
     eval_at: list[int] = field(default_factory=list)
     eval_log_points: int = 0
+    trainable: str = "all"
 
 
 def _model_defaults() -> dict[str, Any]:
@@ -177,6 +185,11 @@ class TrainConfig:
             ),
             (t.log_interval >= 1, f"train.log_interval must be >= 1, got {t.log_interval}"),
             (t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}"),
+            (
+                t.trainable in TRAINABLE_CHOICES,
+                f"train.trainable={t.trainable!r}; expected one of {', '.join(TRAINABLE_CHOICES)}"
+                + _nearest(t.trainable, TRAINABLE_CHOICES),
+            ),
         ]
         for ok, msg in checks:
             if not ok:

@@ -247,6 +247,23 @@ def write_run_files(run: PreparedRun) -> None:
     run.tokenizer.save(run.run_dir)
 
 
+def apply_trainable(model: torch.nn.Module, trainable: str, verbose: bool = True) -> None:
+    """Freeze what `train.trainable` leaves out (`all`: nothing) and say how much trains."""
+    if trainable == "all":
+        return
+    from .surgery import freeze_except_router
+
+    names = freeze_except_router(model, train_base=trainable == "router+base")
+    if verbose:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(
+            f"train.trainable={trainable}: training {len(names)} tensors, {n:,} of "
+            f"{total:,} parameters ({100 * n / total:.2f} %); the rest are frozen",
+            flush=True,
+        )
+
+
 def prepare_run(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -277,6 +294,7 @@ def prepare_run(
     if ckpt is not None:
         load_weights(model, ckpt)  # full weights, before any sharding
         state = load_state(ckpt)
+    apply_trainable(model, cfg.train.trainable, di.is_main)  # before DDP/FSDP and the optimizer
     train_model = wrap_distributed(model, cfg, device) if di.world_size > 1 else model
     # FSDP replaces parameters with sharded ones: build the optimizer after wrapping
     optimizer = build_optimizer(model, cfg)
