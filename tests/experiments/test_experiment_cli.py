@@ -24,7 +24,7 @@ def test_list(capsys):
 def test_dry_run_prints_the_plan(capsys):
     assert main(["experiment", "gpu-10min", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "smoe-flops-L12-s0" in out and "6 runs" in out
+    assert "smoe-flops-L12-s0" in out and "8 runs" in out
 
 
 def test_unknown_spec_is_one_line(capsys):

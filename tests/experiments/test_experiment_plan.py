@@ -67,8 +67,14 @@ def test_gpu_spec_matches_the_issue():
             "rmoe-L12-s1",
             "rmoe-np-L12-s0",
             "smoe-flops-L12-s0",
+            "smoe-dsv3-L12-s0",
+            "shared-L12-s0",
         ]
     )
+    by_id = {r.run_id: r.config.model for r in runs}
+    assert {m["router_init"] for m in by_id.values()} == {"uniform"}
+    assert by_id["smoe-dsv3-L12-s0"]["router_score_func"] == "sigmoid"
+    assert by_id["smoe-dsv3-L12-s0"]["router_expert_bias"] is True
 
 
 def test_router_variants_set_the_model_keys(spec_dict):
