@@ -100,7 +100,14 @@ class RunConfig:
         keep_last: checkpoints to keep.
         fsdp: shard with FSDP2 (fully_shard per decoder layer, then the whole model) instead of
             DDP when launched with several processes (GPUs with NCCL, or CPUs with gloo).
-        time_limit_s: stop (with a checkpoint) after this many seconds of training (0 = off).
+        time_limit_s: stop (with a checkpoint) after this many seconds of training (0 = off):
+            a hard stop, wherever the learning-rate schedule is.
+        time_budget_s: fit the whole run (steps, evaluations, the final save) into this many
+            seconds (0 = off): the trainer measures its speed as it goes and ends the run at
+            the step that fits, with the learning-rate schedule decaying to that step, never
+            beyond max_steps (`rmoe.training.budget`). The step count then depends on the
+            machine's speed, so such a run is reproducible only given its final step; the
+            planned end is logged and saved with each checkpoint (`--resume` continues it).
         eval_at: extra steps at which to evaluate (0 = before the first step).
         eval_log_points: if > 0, also evaluate at step 0 and at about this many log-spaced steps
             in [1, max_steps] (dense at the start: stability-gap curves).
@@ -124,6 +131,7 @@ class RunConfig:
     keep_last: int = 2
     fsdp: bool = False
     time_limit_s: float = 0.0
+    time_budget_s: float = 0.0
     eval_at: list[int] = field(default_factory=list)
     eval_log_points: int = 0
     trainable: str = "all"
@@ -185,6 +193,7 @@ class TrainConfig:
             ),
             (t.log_interval >= 1, f"train.log_interval must be >= 1, got {t.log_interval}"),
             (t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}"),
+            (t.time_budget_s >= 0, f"train.time_budget_s must be >= 0, got {t.time_budget_s}"),
             (
                 t.trainable in TRAINABLE_CHOICES,
                 f"train.trainable={t.trainable!r}; expected one of {', '.join(TRAINABLE_CHOICES)}"

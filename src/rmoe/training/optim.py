@@ -85,21 +85,43 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     )
 
 
+class Schedule:
+    """The learning-rate multiplier as a callable object: linear warm-up, then constant /
+    cosine / linear decay to ``min_lr_ratio`` at step ``total``.
+
+    ``total`` starts at ``train.max_steps``; a run with a time budget moves it earlier as it
+    measures its speed (:mod:`rmoe.training.budget`). Being an object of plain values, it is
+    saved in the scheduler's ``state_dict`` (``LambdaLR`` keeps a callable object's
+    ``__dict__``), so a resumed run continues the same horizon."""
+
+    def __init__(self, warmup_steps: int, kind: str, min_lr_ratio: float, total: int) -> None:
+        self.warmup_steps, self.kind = int(warmup_steps), str(kind)
+        self.min_lr_ratio, self.total = float(min_lr_ratio), int(total)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Schedule:
+        o = cfg.optim
+        return cls(o.warmup_steps, o.schedule, o.min_lr_ratio, cfg.train.max_steps)
+
+    def __call__(self, step: int) -> float:
+        """Multiplier of the peak lr at `step` (0-based)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.total - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.kind == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            shape = 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr at `step` (0-based): linear warm-up, then constant / cosine /
     linear decay to min_lr_ratio at max_steps."""
-    o, total = cfg.optim, cfg.train.max_steps
-    if o.warmup_steps and step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    span = max(1, total - o.warmup_steps)
-    progress = min(1.0, (step - o.warmup_steps) / span)
-    if o.schedule == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        shape = 1.0 - progress
-    return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
+    return Schedule.from_config(cfg)(step)
 
 
 def warmup_constant(warmup_steps: int):
@@ -114,5 +136,7 @@ def warmup_constant(warmup_steps: int):
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The run's schedule as a ``LambdaLR`` over :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    """The run's schedule as a ``LambdaLR`` over one :class:`Schedule` (for every param
+    group); the schedule object is ``scheduler.lr_lambdas[0]``."""
+    schedule = Schedule.from_config(cfg)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(optimizer.param_groups))
