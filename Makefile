@@ -28,11 +28,16 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
 
+# Each `make demo` trains into a fresh folder (runs/demo-YYYYmmdd-HHMMSS; `make demo
+# DEMO_OUT=DIR` to choose); runs/demo-latest points at the newest one.
+DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
 demo: $(VENV)/.installed
-	$(VENV)/bin/rmoe train tiny --out runs/demo
-	$(VENV)/bin/rmoe eval runs/demo --split test
-	$(VENV)/bin/rmoe generate runs/demo --prompt "def " --max-new-tokens 200 --out runs/demo/sample.txt
-	@echo "demo run: runs/demo (model, tokenizer, metrics.jsonl, sample.txt)"
+	$(VENV)/bin/rmoe train tiny --out $(DEMO_OUT)
+	$(VENV)/bin/rmoe eval $(DEMO_OUT) --split test
+	$(VENV)/bin/rmoe generate $(DEMO_OUT) --prompt "def " --max-new-tokens 200 --out $(DEMO_OUT)/sample.txt
+	@mkdir -p runs && ln -sfn $(abspath $(DEMO_OUT)) runs/demo-latest 2>/dev/null || true
+	@echo "demo run: $(DEMO_OUT) (model, tokenizer, metrics.jsonl, sample.txt); also runs/demo-latest"
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/rmoe bench all
