@@ -13,27 +13,33 @@ import os
 import sys
 from pathlib import Path
 
-SUITES = ("layer", "step", "flops", "migu")
+SUITES = ("layer", "step", "flops", "migu", "profile", "finegrained")
 
 EXAMPLE = """examples:
   rmoe bench layer --quick
   rmoe bench all --out /tmp/bench
   rmoe bench step --device cuda --dtype bfloat16
   rmoe bench migu --threads 1
+  rmoe bench profile --quick
+  rmoe bench finegrained
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
-        help="speed benchmarks: MoE layer vs transformers' Mixtral, training step, FLOP/s, MIGU",
+        help="speed benchmarks: MoE layer vs transformers' Mixtral, training step, FLOP/s, MIGU, step profile, fine-grained experts",
         description=(
             "Run benchmark suites from the repository's benchmarks/ folder. Each writes "
             "<suite>.json and <suite>.md (machine, command, median and spread) under --out. "
             "Suites: layer (MoE layer fwd+bwd tokens/s vs MixtralSparseMoeBlock), step (training "
             "step tokens/s and peak memory: SMoE, RMoE, MixtralForCausalLM), flops (expert FLOP/s "
             "vs the dense-matmul ceiling), migu (training-step cost of MIGU masking and the random-mask "
-            "control, on linear layers and expert weights)."
+            "control, on linear layers and expert weights), profile (where a training step's time goes by "
+            "op category and phase, the step's fraction of the dense-matmul ceiling, AdamW "
+            "for-loop/foreach/fused), finegrained (layer and step throughput for E = 8..256 at "
+            "fixed active compute, vs Mixtral's eager and grouped_mm experts). `all` runs every "
+            "suite in that order, printing progress."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -81,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
             argv += [f"--{flag}", str(value)]
     suites = SUITES if args.suite == "all" else (args.suite,)
     status = 0
-    for suite in suites:
+    for i, suite in enumerate(suites, 1):
+        if len(suites) > 1:
+            print(f"== rmoe bench: suite {i}/{len(suites)}: {suite}", flush=True)
         module = importlib.import_module(f"benchmarks.{suite}")
         if os.path.dirname(os.path.abspath(module.__file__ or "")) != str(bench_dir):
             raise FileNotFoundError(

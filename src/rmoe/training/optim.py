@@ -49,6 +49,38 @@ def param_groups(
     return out
 
 
+ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+"""`implementation` values of :func:`adamw`: "auto" picks the fastest one the parameters allow
+(:func:`adamw_implementation`); the other three force torch's kernels (fused: one kernel over all
+parameters; foreach: multi-tensor ops; for-loop: one parameter at a time, torch's reference)."""
+
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def adamw_implementation(params: Sequence[torch.Tensor]) -> str:
+    """The AdamW implementation "auto" picks for these parameters: "fused" when every one is a
+    plain floating-point tensor on CPU or CUDA (measured: about 6x faster than the for-loop on
+    CPU at D=512, E=8, and torch's fastest on CUDA), else "foreach" (sharded DTensor parameters
+    (FSDP), other devices), which is torch's own default on CUDA."""
+    plain = all(
+        type(p) in (torch.Tensor, torch.nn.Parameter)
+        and p.device.type in _FUSED_DEVICES
+        and torch.is_floating_point(p)
+        for p in params
+    )
+    return "fused" if plain and params else "foreach"
+
+
+def _implementation_kwargs(name: str, params: Sequence[torch.Tensor]) -> dict:
+    if name not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(
+            f"AdamW implementation {name!r} is not one of {', '.join(ADAMW_IMPLEMENTATIONS)}"
+        )
+    if name == "auto":
+        name = adamw_implementation(params)
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}}.get(name, {"foreach": False})
+
+
 def adamw(
     model: torch.nn.Module,
     lr: float,
@@ -58,8 +90,12 @@ def adamw(
     *,
     router_lr_mult: float = 1.0,
     router_weight_decay: float | None = None,
+    implementation: str = "auto",
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` of ``model``."""
+    """AdamW over :func:`param_groups` of ``model``, with torch's fastest implementation the
+    parameters allow unless ``implementation`` names one (:data:`ADAMW_IMPLEMENTATIONS`). The
+    implementations agree to float rounding; build the optimizer after moving the model to its
+    device (the choice reads the parameters' devices)."""
     groups = param_groups(
         model,
         weight_decay,
@@ -67,7 +103,9 @@ def adamw(
         router_lr_mult=router_lr_mult,
         router_weight_decay=router_weight_decay,
     )
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    params = [p for g in groups for p in g["params"]]
+    kwargs = _implementation_kwargs(implementation, params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
