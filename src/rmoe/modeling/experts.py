@@ -163,6 +163,11 @@ def dispatch_sorted(
     if idx.numel() == 0:
         return torch.zeros_like(x)
     expert_sorted, order, token = sort_by_expert(idx)
+    if torch.compiler.is_compiling() and probe is None:  # one opaque op: no graph break
+        counts_t = torch.bincount(expert_sorted, minlength=num_experts)
+        xs = x.index_select(0, token)
+        ys = _sorted_swiglu_op(xs, counts_t, gate, up, down)
+        return combine(ys, token, order, weight, n)
     counts = torch.bincount(expert_sorted, minlength=num_experts).tolist()
     xs = x.index_select(0, token)
     slices = [
@@ -240,9 +245,16 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """Every non-unit stride and the data pointer are multiples of 16 bytes."""
+    """Every non-unit stride and the storage offset are multiples of 16 bytes.
+
+    A shape/stride rule (no `data_ptr`, which torch.compile cannot trace): torch's allocators
+    align the base of every storage, so an aligned storage offset means an aligned first
+    element. Under torch.compile the offset is not traceable; there the weights are the graph's
+    parameter inputs (offset 0), so only the strides are checked.
+    """
     es = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(
+    offset_ok = torch.compiler.is_compiling() or (t.storage_offset() * es) % 16 == 0
+    return offset_ok and all(
         (s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1
     )
 
@@ -286,7 +298,8 @@ def dispatch_grouped_mm(
         w_gate = F.pad(w_gate, (0, fp - f, 0, dp - d))
         w_up = F.pad(w_up, (0, fp - f, 0, dp - d))
         w_down = F.pad(w_down, (0, dp - d, 0, fp - f))
-    gmm = _grouped_mm_fn()
+    # under torch.compile: our custom op (its fake kernel traces every dtype); eager: the kernel
+    gmm = _grouped_mm_op if torch.compiler.is_compiling() else _grouped_mm_fn()
     assert gmm is not None  # checked by grouped_mm_unsupported_reason
     g, u = gmm(xs, w_gate, offs=offs), gmm(xs, w_up, offs=offs)
     ys = gmm(F.silu(g) * u, w_down, offs=offs)
@@ -296,6 +309,127 @@ def dispatch_grouped_mm(
         for kind, h in (("gate_proj", g[:, :f]), ("up_proj", u[:, :f]), ("down_proj", ys)):
             probe(kind, h, expert_sorted, token)
     return combine(ys, token, order, weight, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: the data-dependent expert GEMMs as opaque custom ops
+# ----------------------------------------------------------------------------------------------
+# Under torch.compile the two fast backends call these ops instead of the raw kernels: their
+# output shapes depend only on the input shapes ([S, D] for S assignments), so one graph serves
+# every token count (no host sync inside the graph, no graph break), and their fake kernels are
+# ours (torch 2.13's meta kernel of `_grouped_mm` accepts bf16 only, so fp32 on CPU would not
+# trace). Eager calls skip them: the same kernels run directly, at the same speed.
+@torch.library.custom_op("rmoe::expert_grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [S, K] (rows sorted by group) @ b [E, K, M] per group (offs [E] int32 row ends)
+    -> [S, M]; or a [K, S] @ b [S, M] per group of S -> [E, K, M] (the weight gradient)."""
+    gmm = _grouped_mm_fn()
+    assert gmm is not None
+    return gmm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    # only the 2-D x 3-D form is differentiated (the forward of the experts)
+    grad_a = _grouped_mm_op(grad, b.transpose(1, 2).contiguous(), offs)
+    grad_b = _grouped_mm_op(a.t(), grad, offs)
+    return grad_a, grad_b, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+@torch.library.custom_op("rmoe::expert_sorted_swiglu", mutates_args=())
+def _sorted_swiglu_op(
+    xs: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """The `sorted` backend's expert step: xs [S, D] sorted by expert, counts [E] (int64) rows
+    per expert -> [S, D], each slice through its expert's SwiGLU."""
+    sizes = counts.tolist()
+    outs = [
+        swiglu(x_e, g_e, u_e, d_e)
+        for x_e, g_e, u_e, d_e, c in zip(xs.split(sizes), gate, up, down, sizes)
+        if c
+    ]
+    if not outs:
+        return xs.new_zeros(xs.shape[0], down.shape[1])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+@_sorted_swiglu_op.register_fake
+def _(xs, counts, gate, up, down):
+    return xs.new_empty(xs.shape[0], down.shape[1])
+
+
+@torch.library.custom_op("rmoe::expert_sorted_swiglu_backward", mutates_args=())
+def _sorted_swiglu_backward_op(
+    grad: torch.Tensor,
+    xs: torch.Tensor,
+    counts: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (xs, gate, up, down) of `_sorted_swiglu_op`, per expert by hand:
+    g = x Wg^T, u = x Wu^T, a = silu(g) u, y = a Wd^T;
+    da = dy Wd, dWd = dy^T a, dg = da u silu'(g), du = da silu(g),
+    dx = dg Wg + du Wu, dWg = dg^T x, dWu = du^T x."""
+    sizes = counts.tolist()
+    grad_x = torch.zeros_like(xs)
+    grad_gate, grad_up, grad_down = (torch.zeros_like(w) for w in (gate, up, down))
+    start = 0
+    for e, c in enumerate(sizes):
+        if not c:
+            continue
+        x_e, dy = xs[start : start + c], grad[start : start + c]
+        g, u = F.linear(x_e, gate[e]), F.linear(x_e, up[e])
+        sg = torch.sigmoid(g)
+        silu_g = g * sg
+        da = dy @ down[e]
+        grad_down[e] = dy.t() @ (silu_g * u)
+        dg = da * u * (sg * (1 + g * (1 - sg)))
+        du = da * silu_g
+        grad_x[start : start + c] = dg @ gate[e] + du @ up[e]
+        grad_gate[e] = dg.t() @ x_e
+        grad_up[e] = du.t() @ x_e
+        start += c
+    return grad_x, grad_gate, grad_up, grad_down
+
+
+@_sorted_swiglu_backward_op.register_fake
+def _(grad, xs, counts, gate, up, down):
+    return (
+        torch.empty_like(xs),
+        torch.empty_like(gate),
+        torch.empty_like(up),
+        torch.empty_like(down),
+    )
+
+
+def _sorted_swiglu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _sorted_swiglu_backward(ctx, grad):
+    xs, counts, gate, up, down = ctx.saved_tensors
+    gx, gg, gu, gd = _sorted_swiglu_backward_op(grad.contiguous(), xs, counts, gate, up, down)
+    return gx, None, gg, gu, gd
+
+
+_sorted_swiglu_op.register_autograd(_sorted_swiglu_backward, setup_context=_sorted_swiglu_setup)
 
 
 class GroupedMMFallbackWarning(UserWarning):
