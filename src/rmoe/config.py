@@ -16,6 +16,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from .registry import (
+    ACTIVATION_CHECKPOINTING,
     AUTO_BACKEND,
     BACKENDS,
     BALANCERS,
@@ -124,6 +125,15 @@ class RMoEConfig(PretrainedConfig):
             on CPU when there are fewer token-expert assignments than experts (sorted);
             sorted everywhere else. See
             `rmoe.modeling.experts.auto_backend` and benchmarks/RESULTS.md.
+        activation_checkpointing (str, "none"): recompute activations in backward instead of
+            storing them (training with gradients only; eval and no-grad forwards are unchanged):
+            "none"; "moe": each MoE block (router, experts, shared experts) is recomputed;
+            "layer": each whole decoder layer (attention + FFN/MoE) is recomputed. Both use
+            torch's non-reentrant `torch.utils.checkpoint`, so gradients flow through every
+            input, the recurrent router state passed from layer to layer included; the
+            expert-load record of the aux-loss-free bias is taken once, outside the recomputed
+            region. transformers' `model.gradient_checkpointing_enable()` switches on the
+            "layer" mode too (it needs `use_reentrant=False`, its default).
 
     Routing
         router_type (str, "recurrent"): a name in `rmoe.registry.ROUTERS`: "linear" (SMoE: W x), "mlp" (2-layer GELU MLP),
@@ -136,6 +146,11 @@ class RMoEConfig(PretrainedConfig):
         router_dim (int, 128): P, the recurrent router's state width.
         router_cell (str, "gru"): the shared cell (`rmoe.registry.CELLS`): "gru", "rnn" (tanh)
             or "lstm".
+        router_cell_fused (bool, True): run the cell through torch's native cell op
+            (`torch.gru_cell` / `rnn_tanh_cell` / `lstm_cell`: fewer kernels, fused gate math on
+            CUDA) instead of its gate-by-gate reference (`RecurrentCell.reference_forward`).
+            Equal up to float rounding (the native GRU writes h' = n + z (h - n)); False gives
+            bit-for-bit the results of the code before this option.
         router_scorer (str, "linear"): the recurrent router's per-layer scorer on h_i, a name in
             `rmoe.registry.SCORERS` that may score a state: "linear", "cosine" or "xmoe"
             ("xmoe" gives the paper's "XMoE + GRU"; "mlp" is only the plain "mlp" router's).
@@ -262,9 +277,11 @@ class RMoEConfig(PretrainedConfig):
         shared_expert_gate: bool = False,
         mlp_only_layers: list[int] | None = None,
         experts_backend: str = "auto",
+        activation_checkpointing: str = "none",
         router_type: str = "recurrent",
         router_dim: int = 128,
         router_cell: str = "gru",
+        router_cell_fused: bool = True,
         router_scorer: str = "linear",
         router_pass_state: bool = True,
         router_detach_state: bool = False,
@@ -330,9 +347,11 @@ class RMoEConfig(PretrainedConfig):
         self.shared_expert_gate = shared_expert_gate
         self.mlp_only_layers = sorted(int(i) for i in (mlp_only_layers or []))
         self.experts_backend = experts_backend
+        self.activation_checkpointing = activation_checkpointing
         self.router_type = router_type
         self.router_dim = router_dim
         self.router_cell = router_cell
+        self.router_cell_fused = router_cell_fused
         self.router_scorer = router_scorer
         self.router_pass_state = router_pass_state
         self.router_detach_state = router_detach_state
@@ -384,6 +403,9 @@ class RMoEConfig(PretrainedConfig):
         SCORERS.lookup(self.router_scorer, where=lambda scorer: scorer.on_state)
         check_choice("experts_backend", self.experts_backend, (AUTO_BACKEND, *BACKENDS))
         check_choice("gw_selection", self.gw_selection, GW_SELECTIONS)
+        check_choice(
+            "activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING
+        )
         positive = {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,

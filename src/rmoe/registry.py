@@ -33,6 +33,9 @@ AUTO_BACKEND = "auto"
 GW_SELECTIONS = ("entropy", "random")
 """GW-MoE token selections: by router entropy (GW-MoE), or the same count at random (control)."""
 
+ACTIVATION_CHECKPOINTING = ("none", "moe", "layer")
+"""`RMoEConfig.activation_checkpointing`: nothing, each MoE block, or each whole decoder layer."""
+
 
 ROUTER_INITS = ("normal", "uniform")
 """`router_init`: N(0, router_init_std or initializer_range), or PyTorch's nn.Linear default."""

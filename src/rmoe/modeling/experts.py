@@ -245,16 +245,16 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """Every non-unit stride and the storage offset are multiples of 16 bytes.
+    """Every non-unit stride and the first element's address are multiples of 16 bytes.
 
-    A shape/stride rule (no `data_ptr`, which torch.compile cannot trace): torch's allocators
-    align the base of every storage, so an aligned storage offset means an aligned first
-    element. Under torch.compile the offset is not traceable; there the weights are the graph's
-    parameter inputs (offset 0), so only the strides are checked.
+    Eager: the address is read (`data_ptr`; weights loaded from a file can be views of an
+    unaligned buffer). Under torch.compile, which cannot trace `data_ptr`, only the strides are
+    checked: the weights there are the graph's parameter inputs, and the compiled path passes
+    them to `_grouped_mm_op`, whose kernel call sees the real tensors.
     """
     es = t.element_size()
-    offset_ok = torch.compiler.is_compiling() or (t.storage_offset() * es) % 16 == 0
-    return offset_ok and all(
+    address_ok = torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    return address_ok and all(
         (s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1
     )
 
@@ -325,6 +325,9 @@ def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torc
     -> [S, M]; or a [K, S] @ b [S, M] per group of S -> [E, K, M] (the weight gradient)."""
     gmm = _grouped_mm_fn()
     assert gmm is not None
+    # the real tensors: copy an operand whose address the kernel would reject (a view of an
+    # unaligned buffer); strides were made aligned by the caller
+    a, b = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (a, b))
     return gmm(a, b, offs=offs)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import RMoEConfig, check_gw_policy
 from .balancing import build_balancer
@@ -129,6 +130,11 @@ class MoEBlock(nn.Module):
 
     `gw_policy` (a `GWPolicy`, from the config at construction) decides GW-MoE broadcasting in
     training; the model's `set_gw_policy` replaces it on every block.
+
+    `checkpoint` (from `activation_checkpointing == "moe"`): in training with gradients, the
+    block's activations are recomputed in backward (non-reentrant `torch.utils.checkpoint`,
+    so the gradient reaches x and the incoming router state); the expert-load record is taken
+    once, outside the recomputed region.
     """
 
     def __init__(self, config: RMoEConfig) -> None:
@@ -136,6 +142,7 @@ class MoEBlock(nn.Module):
         self.config = config  # read at construction only (forward reads gw_policy)
         self.num_experts = config.num_experts
         self.gw_policy = GWPolicy.from_config(config)
+        self.checkpoint = config.activation_checkpointing == "moe"
         self.router = build_router(config)
         self.balancer = build_balancer(config)
         self.experts = Experts(
@@ -166,6 +173,7 @@ class MoEBlock(nn.Module):
         compute_losses: bool = True,
         *,
         shared: nn.Module | None = None,
+        record_load: bool = True,
     ) -> MoEOutput:
         """Route, dispatch and combine.
 
@@ -176,13 +184,48 @@ class MoEBlock(nn.Module):
             token_mask: [B, T] True for real tokens (padding excluded from the losses).
             compute_losses: compute the balance and z losses.
             shared: the model's module shared by every layer's router, or None.
+            record_load: record the expert loads (training with an expert bias); a caller that
+                recomputes this forward under its own checkpoint passes False and calls
+                `record_routing` once itself.
         """
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            out = checkpoint(
+                self._compute,
+                x,
+                state,
+                cell,
+                token_mask,
+                compute_losses,
+                shared,
+                use_reentrant=False,
+            )
+        else:
+            out = self._compute(x, state, cell, token_mask, compute_losses, shared)
+        if record_load:
+            self.record_routing(out.routing, token_mask)
+        return out
+
+    def record_routing(self, routing: RoutingResult, token_mask: torch.Tensor | None) -> None:
+        """In training with an expert bias, add this step's expert loads to the router's record
+        (routing over N = B*T tokens; token_mask [B, T] or None)."""
+        if self.training and self.router.expert_bias is not None:
+            mask = None if token_mask is None else token_mask.reshape(-1)
+            self.router.record_load(routing.topk_idx, mask)
+
+    def _compute(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor | None,
+        cell: RecurrentCell | None,
+        token_mask: torch.Tensor | None,
+        compute_losses: bool,
+        shared: nn.Module | None,
+    ) -> MoEOutput:
+        """`forward` without the load record (what a checkpoint recomputes); same arguments."""
         b, t, d = x.shape
         xf = x.reshape(b * t, d)
         mask = None if token_mask is None else token_mask.reshape(-1)
         routing = self.router(xf, state, cell, shared)
-        if self.training and self.router.expert_bias is not None:
-            self.router.record_load(routing.topk_idx, mask)
         y = self.experts(xf, routing.topk_idx, routing.topk_weight)
 
         gw_tokens = 0

@@ -14,13 +14,16 @@ starting from None (= h_0 = 0); it is never stored on a module and never recurre
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -260,8 +263,29 @@ def _positions_and_masks(
     return position_ids, attn_mask, attention_mask[:, -t:].bool()
 
 
+def _non_reentrant(fn: Callable) -> Callable:
+    """`fn` (a checkpoint function), after checking it is not torch's reentrant checkpoint:
+    the reentrant one returns only tensors and drops the gradient of inputs it is not given
+    positionally, so the layer's outputs and the router state's gradient need the other."""
+    keywords = getattr(fn, "keywords", None) or {}
+    if keywords.get("use_reentrant") is True:
+        raise ValueError(
+            "rmoe's activation checkpointing needs use_reentrant=False (the layer returns the "
+            "router state and the MoE outputs); call gradient_checkpointing_enable() without "
+            "gradient_checkpointing_kwargs or with {'use_reentrant': False}"
+        )
+    return fn
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer: attention, then an MoE block (or a dense FFN)."""
+    """Pre-norm decoder layer: attention, then an MoE block (or a dense FFN).
+
+    `gradient_checkpointing` (from `activation_checkpointing == "layer"`, or transformers'
+    `gradient_checkpointing_enable()`, which also sets `_gradient_checkpointing_func`): in
+    training with gradients the whole layer is recomputed in backward; the non-reentrant
+    checkpoint keeps the gradient flowing into h and the incoming router state, and the MoE
+    block's expert-load record is taken once, outside the recomputed region.
+    """
 
     def __init__(self, config: RMoEConfig, layer_idx: int) -> None:
         super().__init__()
@@ -275,6 +299,10 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, residual_out=True)
         self.drop = nn.Dropout(config.hidden_dropout)
+        self.gradient_checkpointing = config.activation_checkpointing == "layer"
+        self._gradient_checkpointing_func: Callable = functools.partial(
+            checkpoint, use_reentrant=False
+        )
 
     def forward(
         self,
@@ -306,6 +334,32 @@ class DecoderLayer(nn.Module):
         Returns:
             (h [B, T, D], router state for the next layer, MoEOutput | None for a dense layer).
         """
+        args = (h, cos, sin, attn_mask, cache, router_state, router_cell, router_shared)
+        args += (token_mask, compute_losses)
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return self._layer(*args, record_load=True)
+        fn = _non_reentrant(self._gradient_checkpointing_func)
+        h, state, out = fn(self._layer, *args, False)
+        if out is not None:
+            self.moe.record_routing(out.routing, token_mask)
+        return h, state, out
+
+    def _layer(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: Cache | None,
+        router_state: torch.Tensor | None,
+        router_cell: RecurrentCell | None,
+        router_shared: nn.Module | None,
+        token_mask: torch.Tensor | None,
+        compute_losses: bool,
+        record_load: bool,
+    ):
+        """`forward`'s computation (what a layer checkpoint recomputes), positional arguments;
+        `record_load`: let the MoE block record its expert loads."""
         h = h + self.drop(self.attn(self.input_norm(h), cos, sin, attn_mask, cache))
         x = self.ffn_norm(h)
         if not self.is_moe:
@@ -317,6 +371,7 @@ class DecoderLayer(nn.Module):
             token_mask=token_mask,
             compute_losses=compute_losses,
             shared=router_shared,
+            record_load=record_load,
         )
         return h + self.drop(out.hidden), out.routing.state, out
 
@@ -329,7 +384,7 @@ class RMoEPreTrainedModel(PreTrainedModel):
 
     config_class = RMoEConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # the "layer" mode, see DecoderLayer
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
     _supports_cache_class = True

