@@ -272,6 +272,35 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets; matched by
+# substring of torch.cuda.get_device_name, first match wins (so "H100 PCIe" before "H100").
+DENSE_BF16_PEAK = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),  # fp16 (no bf16 on V100)
+)
+
+
+def dense_bf16_peak(device_name: str) -> float | None:
+    """The data-sheet dense bf16 peak FLOP/s of a CUDA device by name, or None if unknown."""
+    for key, peak in DENSE_BF16_PEAK:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub markdown table."""
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.common import (
     base_parser,
+    dense_bf16_peak,
     fmt_ms,
     interleaved,
     machine,
@@ -319,7 +320,10 @@ def bench_shape(
     prof = profile_steps(step, device, prof_repeats)
     optim = optimizer_comparison(model, device, warmup, max(3, repeats))
     frac = achieved / dense_rate
+    peak = dense_bf16_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     return {
+        "peak_bf16_flops_per_s": peak,
+        "mfu_vs_bf16_peak": achieved / peak if peak else None,
         "label": label,
         "shape": {
             "width": cfg.hidden_size,
@@ -405,6 +409,12 @@ def markdown(results: list[dict[str, Any]], dtype: torch.dtype) -> str:
         "",
     ]
     out += [f"- **{r['label']}**: {verdict(r)}" for r in results]
+    out += [
+        f"- **{r['label']}**: MFU {r['mfu_vs_bf16_peak']:.1%} of the device's dense bf16 peak "
+        f"({r['peak_bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, data sheet)"
+        for r in results
+        if r.get("mfu_vs_bf16_peak") is not None
+    ]
     basis = results[0]["profile"]["time_basis"]
     out += [
         "",
