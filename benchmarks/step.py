@@ -17,7 +17,8 @@ implementation, eager and under torch.compile (the model compiled; backward and 
 at the step shape and at the `tiny` preset's training shape (D=192, 4 layers, E=8, k=2, F=384,
 batch 16 x seq 256). Target: rmoe step >= 1.25x Mixtral's fastest variant. RMoE vs SMoE: the
 main table's paired per-round ratios (>= 15 rounds outside --quick) at P <= D/8, target
-<= 1.03x. Compiling is on outside --quick (--compile / --no-compile); a model that fails to
+<= 1.03x. Compiling (rmoe SMoE and Mixtral[grouped_mm]; --compile-all: every variant) is on outside
+--quick (--compile / --no-compile); a model that fails to
 compile is reported and left out.
 
 Activation memory: bytes of the tensors autograd saves for backward in one forward
@@ -185,7 +186,9 @@ def compare_with_mixtral(
         compile_models
     ):  # Mixtral's eager experts loop is data-dependent: compiled only with --compile-all
         fastest_hf = "grouped_mm" if "grouped_mm" in impls else "eager"
-        compiled = [n for n in builders if compile_all or n.startswith("rmoe") or fastest_hf in n]
+        compiled = [
+            n for n in builders if compile_all or n == "rmoe SMoE" or n == f"Mixtral[{fastest_hf}]"
+        ]
     ids = torch.randint(0, s.vocab, (s.batch, s.seq), device=device)
     steps, notes, compile_s = {}, {}, {}
     for name, build in builders.items():
@@ -518,7 +521,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--compile-all",
         action="store_true",
-        help="compile Mixtral's eager experts loop too (slow to compile, graph breaks)",
+        help="also compile RMoE and Mixtral's eager experts loop (slow to compile)",
     )
     return parse_args(p, argv)
 
