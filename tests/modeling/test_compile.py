@@ -69,6 +69,8 @@ def test_grouped_mm_unaligned_width_compiles():
         experts_backend="grouped_mm",
     )
     block = MoEBlock(cfg).eval()
+    for p in block.parameters():  # the experts' weights start uninitialised (torch.empty)
+        torch.nn.init.normal_(p, std=0.2)
 
     def step(x):
         return block(x, compute_losses=False).hidden
