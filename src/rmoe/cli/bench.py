@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 
 SUITES = ("layer", "step", "flops", "migu", "profile", "finegrained")
@@ -87,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
             argv += [f"--{flag}", str(value)]
     suites = SUITES if args.suite == "all" else (args.suite,)
     status = 0
+    start = time.monotonic()
     for i, suite in enumerate(suites, 1):
         if len(suites) > 1:
-            print(f"== rmoe bench: suite {i}/{len(suites)}: {suite}", flush=True)
+            elapsed = time.monotonic() - start
+            print(f"== rmoe bench: suite {i}/{len(suites)}: {suite} ({elapsed:.0f} s)", flush=True)
         module = importlib.import_module(f"benchmarks.{suite}")
         if os.path.dirname(os.path.abspath(module.__file__ or "")) != str(bench_dir):
             raise FileNotFoundError(
@@ -97,4 +100,8 @@ def run(args: argparse.Namespace) -> int:
                 "another 'benchmarks' package shadows the repository's"
             )
         status = max(status, int(module.main(argv) or 0))
+    if len(suites) > 1:
+        print(
+            f"== rmoe bench: {len(suites)} suites in {time.monotonic() - start:.0f} s", flush=True
+        )
     return status
