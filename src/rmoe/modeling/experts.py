@@ -18,6 +18,12 @@ registered by name in `DISPATCH_BACKENDS`. Every backend is dropless.
                 per projection with int32 offsets computed on the device: no host sync. Inner
                 sizes are zero-padded where the kernel needs 16-byte aligned strides.
 
+torch.compile. `sorted` and `grouped_mm` trace with fullgraph=True and dynamic token counts:
+under compilation they call the custom ops `rmoe::expert_sorted_swiglu` (the per-expert loop
+with its host sync inside one opaque op, gradients by hand in `..._backward`) and
+`rmoe::expert_grouped_mm` (the kernel with our own fake kernel and autograd); eager calls run
+the kernels directly, as before. `loop` (the oracle) is not meant to be compiled.
+
 Probes. A backend also takes `probe=None`, a callable `probe(kind, h, expert_ids, token)` with
 kind in {"gate_proj", "up_proj", "down_proj"}, h [S, F_out] that weight's outputs for the S
 dispatched rows (before any activation), expert_ids [S] and token [S] (the row of x). When given,

@@ -93,8 +93,9 @@ class RunConfig:
         compile: wrap the model in torch.compile. Off by default, which is what measures
             faster on CPU: a 4-layer D=128 E=8 RMoE step (batch 8 x 128, 2 threads, torch 2.13)
             took 150 ms eager vs 140 ms compiled, but compiling cost 144 s first, paid back
-            only after ~14,000 steps. On CUDA, turn it on (the MoE blocks compile without a
-            graph break with the `sorted` and `grouped_mm` backends).
+            only after ~14,000 steps. On CUDA (not measured yet) it is expected to pay off: the
+            MoE blocks compile without a graph break with the `sorted` and `grouped_mm`
+            backends.
         threads: CPU threads for torch (0 = torch's default).
         log_interval: steps between metrics.jsonl records (with per-layer routing stats).
         eval_interval: steps between validation evaluations (0 = only at the end).
