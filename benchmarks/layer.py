@@ -161,9 +161,14 @@ def check_match(
 
 
 def bench_shape(
-    shape: Shape, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int
+    shape: Shape,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+    backends: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Time every candidate on one shape, side by side."""
+    """Time every candidate on one shape, side by side (rmoe's `backends`, default all)."""
     from rmoe.modeling.experts import DISPATCH_BACKENDS, auto_backend
 
     ours = build_ours(shape, device, dtype)
@@ -174,6 +179,8 @@ def bench_shape(
 
     fns, notes = {}, {}
     for name in DISPATCH_BACKENDS:
+        if backends is not None and name not in backends:
+            continue
         if name == "grouped_mm":
             from rmoe.modeling.experts import grouped_mm_unsupported_reason
 
