@@ -27,4 +27,18 @@ def _register() -> None:
 
 _register()
 
+_SUBPACKAGES = frozenset(
+    {"analysis", "continual", "data", "evaluation", "experiments", "integrations", "loading",
+     "modeling", "registry", "runtime", "training"}
+)
+
+
+def __getattr__(name: str):
+    """Import a subpackage on first access, so ``rmoe.continual.MIGU`` works after ``import rmoe``."""
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["RMoEConfig", "RMoEForCausalLM", "RMoEModel", "__version__"]
