@@ -18,7 +18,9 @@ import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-_BLOCK = re.compile(r"(?:<!--\s*readme-test:\s*skip\s*\(([^)]*)\)\s*-->\s*\n)?```(\w+)\n(.*?)```", re.S)
+_BLOCK = re.compile(
+    r"(?:<!--\s*readme-test:\s*skip\s*\(([^)]*)\)\s*-->\s*\n)?```(\w+)\n(.*?)```", re.S
+)
 
 
 def _blocks(lang: str) -> list[tuple[int, str | None, str]]:
@@ -36,9 +38,15 @@ def _tiny_config(router_type: str):
     from rmoe import RMoEConfig
 
     return RMoEConfig(
-        vocab_size=258, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        router_type=router_type, router_dim=8,
+        vocab_size=258,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        router_type=router_type,
+        router_dim=8,
     )
 
 
@@ -61,7 +69,9 @@ def readme_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("RMOE_LM_EVAL_DIR", str(tmp_path / "lm_eval"))
     _save_run(tmp_path / "runs" / "tiny-rmoe", "recurrent")
     _save_run(tmp_path / "runs" / "tiny-smoe", "linear")
-    assert main(["export", "runs/tiny-smoe", "--to", "mixtral", "--out", "exports/tiny-mixtral"]) == 0
+    assert (
+        main(["export", "runs/tiny-smoe", "--to", "mixtral", "--out", "exports/tiny-mixtral"]) == 0
+    )
     return tmp_path
 
 

@@ -28,8 +28,19 @@ def _register() -> None:
 _register()
 
 _SUBPACKAGES = frozenset(
-    {"analysis", "continual", "data", "evaluation", "experiments", "integrations", "loading",
-     "modeling", "registry", "runtime", "training"}
+    {
+        "analysis",
+        "continual",
+        "data",
+        "evaluation",
+        "experiments",
+        "integrations",
+        "loading",
+        "modeling",
+        "registry",
+        "runtime",
+        "training",
+    }
 )
 
 
@@ -40,5 +51,6 @@ def __getattr__(name: str):
 
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["RMoEConfig", "RMoEForCausalLM", "RMoEModel", "__version__"]

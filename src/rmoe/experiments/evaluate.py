@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..analysis.routing import expert_load, routing_summary
 from ..data import eval_windows, get_batch, get_corpus, get_split_tokens
 from ..evaluation import batch_losses, window_batches
 from ..loading import find_model_dir, load_model
@@ -192,6 +191,7 @@ def load_summary(sample: RoutingSample, num_experts: int) -> dict[str, Any]:
     over layers, MaxVio = max_e load_e / mean load - 1 (Wang et al., arXiv 2408.15664; 0 =
     balanced) and the share of the N*K assignments the evaluation capacity dropped (None
     when dropless)."""
+    from ..analysis.routing import expert_load  # lazy: scipy is the analysis extra
     vio = [expert_load(t, num_experts).max_violation for t in sample.topk]
     drop = [None if d is None else float(d.mean()) for d in sample.dropped]
     kept = [d for d in drop if d is not None]
@@ -256,6 +256,7 @@ def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dic
         sample = collect_routing(model, ts.tokens, seq_len, ev.batch_size, ev.routing_tokens, amp)
         res["routing"] = None
         if sample.probs:
+            from ..analysis.routing import routing_summary  # lazy: scipy is the analysis extra
             res["routing"] = routing_summary(sample.probs, sample.topk, ev.mi_bins)
             res["routing"].update(load_summary(sample, int(sample.probs[0].shape[1])))
     metrics = read_metrics(run_dir)
