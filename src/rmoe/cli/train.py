@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 EXAMPLE = """examples:
   rmoe train tiny --out runs/tiny-rmoe
@@ -113,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ValueError("--out DIR is required (the run directory)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(
+            f"--out {args.out} is a file, not a folder; pass the path of a new or empty folder "
+            "(or of a run to continue with --resume)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from rmoe.runtime import lone_launch_warning
 
@@ -153,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         msg += f"; valid loss {ev['loss']:.4f}, bits/byte {ev['bpb']:.4f}, ppl {ev['ppl']:.3f}"
     print(msg)
     print(f"run directory: {result.run_dir}")
+    print(_how_it_ended(args, cfg, result), file=sys.stderr)
     if (cpt is not None or args.init_from) and not args.no_gap_report:
         from rmoe.continual.gap import write_gap_report
 
@@ -181,3 +188,24 @@ def _cpt_options(args: argparse.Namespace):
         old_corpus=args.old_corpus,
     )
     return opts if opts.active() or args.old_corpus else None
+
+
+def _how_it_ended(args: argparse.Namespace, cfg, result) -> str:
+    """A plain-words line: whether the run reached its end and how to continue it."""
+    total = cfg.train.max_steps
+    again = f"rmoe train {args.config or 'CONFIG'} --out {args.out} --resume"
+    if result.status == "time_limit":
+        return (
+            f"stopped early: train.time_limit_s={cfg.train.time_limit_s:g} s reached at step "
+            f"{result.step} of {result.end_step or total}; the last checkpoint is saved. "
+            f"Continue with: {again}"
+        )
+    if result.status == "interrupted":
+        return f"stopped early at step {result.step} of {total}; continue with: {again}"
+    if result.step < total:
+        return (
+            f"finished inside train.time_budget_s={cfg.train.time_budget_s:g} s: step "
+            f"{result.step} of max_steps {total} (the learning-rate schedule decayed to step "
+            f"{result.step}); for more steps give a larger budget (--set train.time_budget_s=S)"
+        )
+    return f"finished: all {total} steps"

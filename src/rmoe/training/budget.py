@@ -47,6 +47,7 @@ class StepBudget:
     eval_cost_steps: float = 0.0
     eval_s: float | None = None
     save_s: float | None = None
+    announced: int | None = None  # the end last reported in the log
     _marks: deque = field(default_factory=deque, repr=False)
     _overhead_s: float = 0.0
 

@@ -217,7 +217,13 @@ class TrainConfig:
                 f"unknown config key 'model.{name}'; valid model keys: {sorted(model_field_names())}"
                 + _nearest(name, model_field_names())
             )
-        self.model_config(vocab_size=self.model.get("vocab_size", 258))
+        model = self.model_config(vocab_size=self.model.get("vocab_size", 258))
+        if d.seq_len > model.max_position_embeddings and not model.rope_scaling:
+            raise ValueError(
+                f"data.seq_len={d.seq_len} is longer than model.max_position_embeddings="
+                f"{model.max_position_embeddings}; lower data.seq_len or raise "
+                f"model.max_position_embeddings (--set model.max_position_embeddings={d.seq_len})"
+            )
 
 
 def model_field_names() -> list[str]:
@@ -366,9 +372,14 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
                 )
             text = (resources.files("rmoe") / "configs" / f"{name_or_path}.yaml").read_text()
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ValueError(f"config {name_or_path!r} is not valid YAML: {exc}") from None
+        if raw is None:
+            raise ValueError(
+                f"config {name_or_path!r} is empty; give at least one section (model:, data:, "
+                "optim:, train:) or start from a preset, e.g. `rmoe train tiny --set KEY=VALUE`"
+            )
         if not isinstance(raw, dict):
             raise ValueError(f"config {name_or_path!r} must be a mapping of sections")
     cfg = from_dict(copy.deepcopy(raw))

@@ -22,9 +22,11 @@ import torch
 
 from ..data import get_batch
 from ..evaluation import evaluate_split
+from .budget import StepBudget, describe_plan
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsWriter
+from .optim import Schedule
 from .prepare import PreparedRun, log_spaced_steps, prepare_run
 from .step import StepRecord, accumulate_gradients, apply_update
 
@@ -48,6 +50,8 @@ class TrainResult:
         tokens_per_s: mean training throughput over the run (all processes).
         final_eval: last validation metrics (loss, bpb, ppl, tokens), if any.
         losses: training loss per step of this invocation.
+        end_step: the step the run was planned to end at: max_steps, or earlier under a
+            time budget (`train.time_budget_s`).
     """
 
     run_dir: Path
@@ -56,6 +60,7 @@ class TrainResult:
     tokens_per_s: float
     final_eval: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    end_step: int = 0
 
 
 def micro_batches(run: PreparedRun) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -171,7 +176,9 @@ def _loop(
 ) -> TrainResult:
     """Steps until max_steps, the time limit or Ctrl-C; then the final evaluation and save."""
     cfg, step = run.cfg, run.step
-    pbar = _progress(cfg.train.max_steps, step) if (progress and run.dist.is_main) else None
+    schedule, budget = _horizon(run)
+    end = schedule.total if schedule is not None else cfg.train.max_steps
+    pbar = _progress(end, step) if (progress and run.dist.is_main) else None
     losses: list[float] = []
     status, final_eval = "completed", {}
     t_start = time.perf_counter()
@@ -183,7 +190,7 @@ def _loop(
     stop = _StopFlag()
     try:
         stop.install()
-        while step < cfg.train.max_steps and not stop.requested:
+        while step < end and not stop.requested:
             log_now = (step + 1) % cfg.train.log_interval == 0 or step == 0
             run.optimizer.zero_grad(set_to_none=True)
             rec = accumulate_gradients(run.train_model, run.model.config, batches,
@@ -199,6 +206,8 @@ def _loop(
             clock["tokens"] += cfg.data.batch_size * cfg.data.seq_len
             if on_step is not None:
                 on_step(step, rec.loss)
+            if budget is not None:
+                end = _replan(budget, schedule, step, end, pbar)
             if log_now:
                 logged = step_record(run, step, rec, clock)
                 writer.write(logged)
@@ -207,11 +216,17 @@ def _loop(
             if pbar is not None:
                 pbar.update(1)
             if _is_eval_step(cfg, run.eval_steps, step):
+                t_eval = time.perf_counter()
                 final_eval = validate(run, writer, step)
+                if budget is not None:
+                    budget.record_overhead("eval", time.perf_counter() - t_eval)
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{rec.loss:.4f}", val_bpb=f"{final_eval['bpb']:.3f}")
             if cfg.train.save_interval and step % cfg.train.save_interval == 0:
+                t_save = time.perf_counter()
                 run.checkpointer.save(step)
+                if budget is not None:
+                    budget.record_overhead("save", time.perf_counter() - t_save)
             if cfg.train.time_limit_s and time.perf_counter() - t_start > cfg.train.time_limit_s:
                 status = "time_limit"
                 break
@@ -234,12 +249,52 @@ def _loop(
     tokens = steps_run * cfg.data.batch_size * cfg.data.seq_len
     return TrainResult(run_dir=run.run_dir, step=step, status=status,
                        tokens_per_s=tokens / max(elapsed, 1e-9), final_eval=final_eval,
-                       losses=losses)  # fmt: skip
+                       losses=losses, end_step=end)  # fmt: skip
+
+
+def _horizon(run: PreparedRun) -> tuple[Schedule | None, StepBudget | None]:
+    """The run's schedule object and, under `train.time_budget_s`, its planner. Without a
+    budget the schedule ends at max_steps (also on a resume that changed max_steps); with one,
+    a resume continues the planned end saved with the checkpoint."""
+    t = run.cfg.train
+    schedule = next((f for f in run.scheduler.lr_lambdas if isinstance(f, Schedule)), None)
+    if schedule is None:
+        return None, None
+    if not t.time_budget_s or not run.resumed or schedule.total <= run.step:
+        schedule.total = t.max_steps  # (a budgeted run that reached its end: a new budget)
+    schedule.total = min(schedule.total, t.max_steps)
+    if not t.time_budget_s:
+        return schedule, None
+    d = run.cfg.data
+    eval_bs = t.eval_batch_size or d.batch_size
+    eval_cost = (t.eval_batches or 50) * eval_bs / (3.0 * d.batch_size * d.grad_accum)
+    budget = StepBudget(budget_s=t.time_budget_s, max_steps=t.max_steps, start_step=run.step,
+                        t0=time.perf_counter(), eval_interval=t.eval_interval,
+                        eval_cost_steps=eval_cost)  # fmt: skip
+    return schedule, budget
+
+
+def _replan(budget: StepBudget, schedule: Schedule, step: int, end: int, pbar) -> int:
+    """Record the step's time and move the run's end to what fits the budget; logs when the
+    end first moves and whenever it moves by more than 2 %."""
+    now = time.perf_counter()
+    budget.record_step(step, now)
+    new_end = max(budget.plan(step, now, end), step)
+    if new_end == end:
+        return end
+    if budget.announced is None or abs(new_end - budget.announced) > 0.02 * budget.announced:
+        log.info("%s", describe_plan(budget, new_end))
+        budget.announced = new_end
+    schedule.total = new_end
+    if pbar is not None:
+        pbar.total = new_end
+        pbar.refresh()
+    return new_end
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to stop at the end of the current step (so the checkpoint is
-    consistent); a second one interrupts at once."""
+    """First Ctrl-C or SIGTERM asks the loop to stop at the end of the current step (so the
+    checkpoint is consistent); a second one interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -248,21 +303,28 @@ class _StopFlag:
     def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
+        import signal
+
         self.requested = True
-        log.warning("Ctrl-C: stopping after this step (press again to abort at once)")
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        log.warning("%s: stopping after this step (again to abort at once)", name)
 
     def install(self) -> None:
         import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            # SIGTERM (what schedulers such as SLURM send before a preemption) = Ctrl-C
+            self._previous = {
+                sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
 
     def uninstall(self) -> None:
         import signal
 
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
             self._previous = None
 
 
