@@ -154,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0 if result.status != "interrupted" else 130
     ev = result.final_eval
-    msg = f"{result.status} at step {result.step}; {result.tokens_per_s:,.0f} tokens/s"
+    msg = f"{result.status} at step {result.step}"
+    if result.status != "already_finished":
+        msg += f"; {result.tokens_per_s:,.0f} tokens/s"
     if ev:
         msg += f"; valid loss {ev['loss']:.4f}, bits/byte {ev['bpb']:.4f}, ppl {ev['ppl']:.3f}"
     print(msg)
@@ -202,6 +204,11 @@ def _how_it_ended(args: argparse.Namespace, cfg, result) -> str:
         )
     if result.status == "interrupted":
         return f"stopped early at step {result.step} of {total}; continue with: {again}"
+    if result.status == "already_finished":
+        return (
+            f"already finished at step {result.step} (max_steps {total}); nothing was trained "
+            f"or written. To train further raise it: --set train.max_steps=N with N > {result.step}"
+        )
     if result.step < total:
         return (
             f"finished inside train.time_budget_s={cfg.train.time_budget_s:g} s: step "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from ..evaluation import evaluate_split
 from .budget import StepBudget, describe_plan
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
-from .metrics import MetricsWriter
+from .lock import RunLock
+from .metrics import MetricsWriter, read_records
 from .optim import Schedule
 from .prepare import PreparedRun, log_spaced_steps, prepare_run
 from .step import StepRecord, accumulate_gradients, apply_update
@@ -46,9 +48,12 @@ class TrainResult:
     Attributes:
         run_dir: the run directory.
         step: optimizer steps completed.
-        status: "completed", "interrupted" (Ctrl-C, checkpoint saved) or "time_limit".
+        status: "completed", "interrupted" (Ctrl-C or SIGTERM, checkpoint saved), "time_limit"
+            or "already_finished" (a resume of a run that had reached its end: nothing run,
+            nothing written).
         tokens_per_s: mean training throughput over the run (all processes).
-        final_eval: last validation metrics (loss, bpb, ppl, tokens), if any.
+        final_eval: last validation metrics (loss, bpb, ppl, tokens), if any (for an
+            already finished run, read back from metrics.jsonl).
         losses: training loss per step of this invocation.
         end_step: the step the run was planned to end at: max_steps, or earlier under a
             time budget (`train.time_budget_s`).
@@ -159,13 +164,49 @@ def train(
         progress: show a progress bar (main process only).
         on_step: called as on_step(step, loss) after every optimizer step (tests use it to
             simulate Ctrl-C).
+
+    Raises:
+        RunLockedError: another trainer holds out_dir's lock (see :mod:`rmoe.training.lock`).
     """
-    run = prepare_run(cfg, out_dir, resume, init_from)
-    writer = MetricsWriter(run.run_dir, enabled=run.dist.is_main)
+    # one trainer per run directory; under torchrun only rank 0 takes the lock
+    lock = RunLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
     try:
-        return _loop(run, writer, progress, on_step)
+        run = prepare_run(cfg, out_dir, resume, init_from)
+        if run.resumed and run.step >= _planned_end(run):
+            return _already_finished(run)
+        continue_from = run.step if run.resumed else None
+        writer = MetricsWriter(run.run_dir, enabled=run.dist.is_main, continue_from=continue_from)
+        try:
+            return _loop(run, writer, progress, on_step)
+        finally:
+            writer.close()
     finally:
-        writer.close()
+        if lock is not None:
+            lock.release()
+
+
+def _planned_end(run: PreparedRun) -> int:
+    """The step a resumed run would end at, without changing its schedule."""
+    t = run.cfg.train
+    schedule = next((f for f in run.scheduler.lr_lambdas if isinstance(f, Schedule)), None)
+    if schedule is None or not t.time_budget_s or schedule.total <= run.step:
+        return t.max_steps
+    return min(schedule.total, t.max_steps)
+
+
+def _already_finished(run: PreparedRun) -> TrainResult:
+    """A resume of a run that reached its end: nothing is trained, evaluated or written; the
+    result carries the last evaluation of the training corpus from metrics.jsonl."""
+    log.info("%s already finished at step %d; nothing to do (raise train.max_steps to train "
+             "further)", run.run_dir, run.step)  # fmt: skip
+    final_eval: dict[str, float] = {}
+    for rec in read_records(run.run_dir / "metrics.jsonl"):
+        if rec.get("split") == "valid" and rec.get("corpus") == run.cfg.data.corpus:
+            final_eval = {k[6:]: v for k, v in rec.items() if k.startswith("valid_")}
+    return TrainResult(run_dir=run.run_dir, step=run.step, status="already_finished",
+                       tokens_per_s=0.0, final_eval=final_eval, end_step=run.step)  # fmt: skip
 
 
 def _loop(
