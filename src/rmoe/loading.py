@@ -121,10 +121,36 @@ def read_run_config(path: str | Path, model_dir: Path | None = None) -> dict[str
     return None
 
 
+def check_integrity(model_dir: Path) -> None:
+    """Verify a model directory before reading it: against its ``manifest.json`` when it has
+    one (rmoe runs and checkpoints), else the headers of its safetensors files.
+
+    Raises:
+        ValueError: (:class:`rmoe.training.integrity.IntegrityError`) one line naming the
+            damaged file and the newest intact checkpoint of the run.
+    """
+    from .training.integrity import require_intact
+
+    verdict = require_intact(model_dir)
+    if not verdict.verified:
+        log.info("%s has no manifest.json; loading it unverified", model_dir)
+
+
+def _safetensors_error() -> type[BaseException]:
+    try:
+        from safetensors import SafetensorError
+
+        return SafetensorError
+    except ImportError:  # pragma: no cover
+        return OSError
+
+
 def _from_pretrained(model_dir: Path, dtype: torch.dtype | None) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import rmoe  # noqa: F401  (registers the rmoe Auto classes; trust_remote_code is never used)
+
+    check_integrity(model_dir)
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
@@ -134,7 +160,7 @@ def _from_pretrained(model_dir: Path, dtype: torch.dtype | None) -> torch.nn.Mod
     kw = {} if dtype is None else {"dtype": dtype}
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
-    except (OSError, RuntimeError, KeyError) as exc:
+    except (OSError, RuntimeError, KeyError, _safetensors_error()) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"could not load a model from {model_dir}: {first}") from exc
 
@@ -211,28 +237,86 @@ def load_model(
     )
 
 
+_SHAPE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "intermediate_size", "moe_intermediate_size",
+    "num_experts", "num_shared_experts", "shared_expert_intermediate_size", "router_dim",
+    "first_k_dense", "max_position_embeddings", "router_type",
+)  # fmt: skip
+"""Config fields named first when saved weights do not fit a model (the ones shapes follow)."""
+
+
+def config_differences(model: torch.nn.Module, directory: Path) -> list[str]:
+    """``"field saved vs here"`` for each size-determining config field where the model saved
+    in ``directory`` (its config.json) and ``model`` differ; every differing number when none
+    of the usual fields does."""
+    import json
+
+    try:
+        saved = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    here = model.config.to_dict()
+    differ = [k for k in saved if k in here and saved[k] != here[k]]
+    named = [k for k in _SHAPE_FIELDS if k in differ]
+    if not named:
+        named = [k for k in differ if isinstance(saved[k], int) and not isinstance(saved[k], bool)]
+    return [f"{k} {saved[k]} vs {here[k]}" for k in named]
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the files; a damaged file becomes one ValueError line."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (OSError, _safetensors_error()) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"cannot read {f}: {first} (a damaged or truncated file)") from exc
+    return state
+
+
 def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
     """Load every ``*.safetensors`` file in ``directory`` into an already built model (strict
     but for tied embeddings): how training starts from another run (``--init-from``) or resumes.
+    The directory is verified first (:func:`check_integrity`).
 
     Raises:
         FileNotFoundError: no safetensors file in the directory.
-        ValueError: names that do not fit the model (the first few are listed).
+        ValueError: a damaged file (named, with the newest intact checkpoint); weights of a
+            model with another config (the differing fields, e.g. ``hidden_size 192 vs 64``);
+            names that do not fit the model (the first few are listed).
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {directory}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    check_integrity(directory)
+    state = _read_safetensors(files)
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        diffs = config_differences(model, directory)
+        if diffs:
+            raise ValueError(
+                f"the model in {directory} has another shape than this run's: "
+                f"{', '.join(diffs)} (saved vs this run); set the same model.* values "
+                "(e.g. --set model.<field>=<saved value>) or start from a model of this shape"
+            )
+        k = wrong[0]
+        raise ValueError(
+            f"weights in {directory} do not fit the model: {len(wrong)} tensors differ in shape, "
+            f"e.g. {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)} (saved vs this run)"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
+        diffs = config_differences(model, directory)
+        why = f" (the configs differ: {', '.join(diffs)}, saved vs this run)" if diffs else ""
         raise ValueError(
             f"weights in {directory} do not fit the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+            f"unexpected {unexpected[:5]}{why}"
         )

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "export": "rmoe.cli.export",
     "import": "rmoe.cli.import_hf",
     "upcycle": "rmoe.cli.upcycle",
+    "verify": "rmoe.cli.verify",
 }
 
 

@@ -30,7 +30,7 @@ from ..runtime import (
     set_threads,
     setup_distributed,
 )
-from .checkpoint import Checkpointer, latest_checkpoint, load_state
+from .checkpoint import Checkpointer, latest_checkpoint, load_state, resume_checkpoint
 from .config import TrainConfig, dump_config, from_dict
 from .optim import build_optimizer, build_scheduler
 from .step import attach_router_step
@@ -88,7 +88,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool, cfg: TrainConfig) -> Path 
         ValueError: resuming with a config that changes the model, data or optimizer.
     """
     if resume:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = resume_checkpoint(run_dir)  # the newest intact one; damaged newer ones: warned
         if ckpt is None:
             raise FileNotFoundError(
                 f"--resume: {run_dir} holds no checkpoint (expected {run_dir}/checkpoints/step-*/"
