@@ -8,8 +8,11 @@ and stored as ``<name>.bin`` (raw uint16 ids when the vocabulary has at most 655
 uint32) next to ``<name>.json`` (counts and provenance). ``<name>`` ends with a hash of the corpus
 spec, text field, corpus fingerprint (file list, sizes, modification times), the serialized
 tokenizer and the split, so a change to any of them makes a new entry. Both files are written to a
-temporary name and moved into place with ``os.replace``; the JSON is written last, so an entry
-whose JSON exists is complete.
+temporary name (flushed to disk) and moved into place with ``os.replace``; the JSON is written
+last, so an entry whose JSON exists is complete. Several processes may build the same split at
+once: each writes its own temporary files and the last ``os.replace`` wins with identical bytes;
+a reader maps whichever complete ``.bin`` is in place (an array mapped before a replace keeps the
+old, equal, file). A ``.bin`` whose size does not match its JSON (a truncated copy) is rebuilt.
 
 The cache directory is, in order: the ``cache_dir`` argument, the ``RMOE_CACHE_DIR`` environment
 variable (the token directory itself), ``~/.cache/rmoe/tokens``.
@@ -261,6 +264,8 @@ def _atomic_binary(path: Path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the name points at it
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
