@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if (warning := lone_launch_warning()) is not None:
         print(f"rmoe train: {warning}", file=sys.stderr)
     cfg = load_config(args.config, args.set)
+    _warn_rope_extrapolation(cfg)
     cpt = _cpt_options(args)
     if cpt is not None:
         from rmoe.continual.cpt import prepare_continual_pretraining
@@ -216,3 +217,16 @@ def _how_it_ended(args: argparse.Namespace, cfg, result) -> str:
             f"{result.step}); for more steps give a larger budget (--set train.time_budget_s=S)"
         )
     return f"finished: all {total} steps"
+
+
+def _warn_rope_extrapolation(cfg) -> None:
+    """A warning when data.seq_len exceeds model.max_position_embeddings under RoPE scaling
+    (without scaling the config's validation refuses it)."""
+    model = cfg.model_config(vocab_size=cfg.model.get("vocab_size", 258))
+    if cfg.data.seq_len > model.max_position_embeddings and model.rope_scaling:
+        print(
+            f"rmoe train: warning: data.seq_len={cfg.data.seq_len} is longer than "
+            f"model.max_position_embeddings={model.max_position_embeddings}; relying on "
+            f"rope_scaling={model.rope_scaling} to extrapolate",
+            file=sys.stderr,
+        )
