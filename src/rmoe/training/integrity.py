@@ -290,6 +290,10 @@ def damage_message(verdict: Verdict) -> str:
         fix = "no intact checkpoint of this run is left; restore the files or retrain"
     else:
         fix = "restore the files (copy, download or export the model again)"
+    names = {p.split(":", 1)[0] for p in verdict.problems}
+    if names and all(n.endswith(".json") and n != MANIFEST for n in names):
+        edited = ", ".join(sorted(names))
+        fix += f" (if you edited {edited} on purpose, delete {MANIFEST} to load it unverified)"
     return f"{verdict.path} is damaged: {what}; {fix}"
 
 
