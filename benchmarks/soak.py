@@ -1,7 +1,7 @@
 """Soak test of exact resume: kill a tiny run N times at random moments, resume it each time,
 and compare the final model and the loss log with an uninterrupted run.
 
-    python benchmarks/soak.py --kills 15 --seed 0 --out benchmarks/out/soak
+    python -m benchmarks.soak --kills 15 --seed 0 --out benchmarks/out/soak
 
 Each attempt is a real ``python -m rmoe.cli.main train`` process, SIGKILLed at a random moment
 after it has started stepping (while it steps, evaluates or writes a checkpoint), then continued
@@ -13,6 +13,11 @@ uninterrupted run's at that step. Writes ``OUT/soak.json``; not part of ``make t
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and sys.path[0].endswith("benchmarks"):
+    sys.path.pop(0)  # run as a script: benchmarks/profile.py must not shadow the stdlib's
+
 import argparse
 import json
 import os
@@ -21,7 +26,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
