@@ -61,12 +61,21 @@ class Loaded:
         return iter((self.model, self.tokenizer, self.run_config))
 
 
-def find_model_dir(path: str | Path) -> Path:
-    """The directory holding ``config.json`` for a model path or a run (rules in the module doc).
+def find_model_dir(path: str | Path, verify: bool = False) -> Path:
+    """The directory holding ``config.json`` for a model path or a run (rules in the module doc);
+    with ``verify``, checked by :func:`check_integrity` before it is returned.
 
     Raises:
         FileNotFoundError: the path does not exist, is another file, or holds no model.
+        ValueError: ``verify`` and the directory is damaged (one line).
     """
+    found = _find_model_dir(path)
+    if verify:
+        check_integrity(found)
+    return found
+
+
+def _find_model_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(

@@ -210,3 +210,15 @@ def test_init_from_another_width_names_the_fields(run, micro_cfg, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("rmoe train: error:") and "hidden_size 32 vs 64" in err[-1]
     assert "size mismatch" not in "\n".join(err)
+
+
+def test_init_from_a_damaged_tokenizer_is_one_line(run, micro_cfg, tmp_path, capsys):
+    _, base = run
+    (base / "tokenizer.json").write_text("{")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(micro_cfg(train=dict(max_steps=1)).to_dict()))
+    argv = ["train", str(path), "--out", str(tmp_path / "c"), "--init-from", str(base),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "tokenizer.json" in err[-1] and "step-0000006" in err[-1], err

@@ -282,7 +282,7 @@ def prepare_run(
     ckpt = checkpoint_to_resume(run_dir, resume, cfg)
     if di.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    init_dir = find_model_dir(init_from) if init_from is not None else None
+    init_dir = find_model_dir(init_from, verify=True) if init_from is not None else None
     tokenizer, splits, extra = load_data(cfg, ckpt, init_dir)
     model = build_model(cfg, tokenizer, init_dir)
     model.to(device)
