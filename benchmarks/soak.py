@@ -90,6 +90,7 @@ def attempt(cfg: Path, run: Path, rng: random.Random, step_s: float, log) -> dic
     from rmoe.training.checkpoint import latest_checkpoint
 
     resume = latest_checkpoint(run) is not None
+    left = stale(run) if run.exists() else []  # what the previous kill left inside a save
     if not resume and run.exists():
         shutil.rmtree(run)  # killed before its first checkpoint: start again
     start_lines = n_logged(run)
@@ -104,7 +105,14 @@ def attempt(cfg: Path, run: Path, rng: random.Random, step_s: float, log) -> dic
     if killed:
         proc.send_signal(signal.SIGKILL)
     rc = proc.wait()
-    return {"resume": resume, "killed": killed, "delay_s": round(delay, 3), "rc": rc}
+    return {"resume": resume, "stale_before": len(left), "killed": killed,
+            "delay_s": round(delay, 3), "rc": rc, "stale_after": len(stale(run))}  # fmt: skip
+
+
+def stale(run: Path) -> list[str]:
+    """Temporaries of an interrupted save: checkpoints/.tmp-step-* and RUN/.<name>.tmp."""
+    found = [*(run / "checkpoints").glob(".tmp-step-*"), *run.glob(".*.tmp")]
+    return sorted(p.name for p in found)
 
 
 def check_after(run: Path, base: Path, base_losses: dict[int, float]) -> dict:
@@ -125,7 +133,7 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=10, help="SIGKILLs to inflict (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--out", default="benchmarks/out/soak", help="work and result folder")
-    p.add_argument("--steps", type=int, default=60, help="steps of the tiny run (default 60)")
+    p.add_argument("--steps", type=int, default=200, help="steps of the tiny run (default 200)")
     p.add_argument("--save-interval", type=int, default=3, help="steps between checkpoints")
     args = p.parse_args()
     out = Path(args.out)
@@ -165,11 +173,8 @@ def main() -> int:
         "final_losses_equal": losses(run) == base_losses,
         "final_weights_equal": same_weights(run, base),
         "all_checkpoints_intact": all(a["intact"] == a["checkpoints"] for a in attempts),
-        "stale_left": [
-            p.name
-            for p in [*(run / "checkpoints").iterdir(), *run.iterdir()]
-            if p.name.endswith(".tmp") or p.name.startswith(".tmp-")
-        ],
+        "kills_inside_a_save": sum(a["stale_after"] > 0 for a in attempts),
+        "stale_left": stale(run),
         "uninterrupted_s": round(base_s, 1),
         "total_s": round(time.perf_counter() - t0, 1),
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
@@ -178,7 +183,7 @@ def main() -> int:
     result["exact_resumes"] += int(result["final_losses_equal"] and result["final_weights_equal"])
     (out / "soak.json").write_text(json.dumps(result, indent=2))
     keys = ("kills", "resumes", "exact_resumes", "final_losses_equal", "final_weights_equal",
-            "all_checkpoints_intact", "stale_left", "total_s")  # fmt: skip
+            "all_checkpoints_intact", "kills_inside_a_save", "stale_left", "total_s")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}))
     ok = result["final_losses_equal"] and result["final_weights_equal"] and final == 0
     return 0 if ok else 1

@@ -153,7 +153,7 @@ def save_checkpoint(
         )
         raise CheckpointWriteError(
             f"could not write checkpoint {final.name} in {root}: {_one_line(exc)}; removed the "
-            f"partial checkpoint; {prev}. Free disk space, then continue with --resume"
+            f"partial checkpoint; {prev}. {_fix(exc)}, then continue with --resume"
         ) from exc
     except BaseException:
         if tmp is not None:
@@ -164,12 +164,19 @@ def save_checkpoint(
     except _write_errors() as exc:
         raise CheckpointWriteError(
             f"checkpoint {final} is saved, but the run-level model in {run_dir} could not be "
-            f"updated: {_one_line(exc)}. Free disk space, then continue with --resume (it "
+            f"updated: {_one_line(exc)}. {_fix(exc)}, then continue with --resume (it "
             "republishes the model)"
         ) from exc
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fix(exc: BaseException) -> str:
+    import errno
+
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in str(exc)
+    return "Free disk space" if full else "Fix the cause"
 
 
 def _one_line(exc: BaseException) -> str:
