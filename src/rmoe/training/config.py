@@ -217,6 +217,12 @@ class TrainConfig:
                 f"unknown config key 'model.{name}'; valid model keys: {sorted(model_field_names())}"
                 + _nearest(name, model_field_names())
             )
+        self.model_config(vocab_size=self.model.get("vocab_size", 258))
+
+    def check_positions(self) -> None:
+        """Refuse a training window longer than the model's positions (without RoPE scaling).
+        Checked where a run is configured (`load_config`), not for every model description."""
+        d = self.data
         model = self.model_config(vocab_size=self.model.get("vocab_size", 258))
         if d.seq_len > model.max_position_embeddings and not model.rope_scaling:
             raise ValueError(
@@ -389,6 +395,7 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
         key, value = item.split("=", 1)
         set_key(cfg, key.strip(), value.strip())
     cfg.validate()
+    cfg.check_positions()
     return cfg
 
 
