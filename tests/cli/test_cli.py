@@ -139,5 +139,8 @@ def test_eval_unloadable_model(run_dir, capsys):
     cfg = json.loads((run_dir / "config.json").read_text())
     cfg["vocab_size"] = 300
     (run_dir / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", str(run_dir)]) == 2  # the manifest catches the edit
+    assert "is damaged" in capsys.readouterr().err
+    (run_dir / "manifest.json").unlink()  # an edited model loaded unverified
     assert main(["eval", str(run_dir)]) == 2
     assert "could not load a model" in capsys.readouterr().err
