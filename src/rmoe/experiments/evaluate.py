@@ -192,6 +192,7 @@ def load_summary(sample: RoutingSample, num_experts: int) -> dict[str, Any]:
     balanced) and the share of the N*K assignments the evaluation capacity dropped (None
     when dropless)."""
     from ..analysis.routing import expert_load  # lazy: scipy is the analysis extra
+
     vio = [expert_load(t, num_experts).max_violation for t in sample.topk]
     drop = [None if d is None else float(d.mean()) for d in sample.dropped]
     kept = [d for d in drop if d is not None]
@@ -257,6 +258,7 @@ def evaluate_arm(run_dir: str | Path, ev: EvalSpec, device: str = "auto") -> dic
         res["routing"] = None
         if sample.probs:
             from ..analysis.routing import routing_summary  # lazy: scipy is the analysis extra
+
             res["routing"] = routing_summary(sample.probs, sample.topk, ev.mi_bins)
             res["routing"].update(load_summary(sample, int(sample.probs[0].shape[1])))
     metrics = read_metrics(run_dir)
