@@ -231,6 +231,9 @@ def arm_config(
     for key, value in arm.set.items():
         set_key(cfg, key, value)
     cfg.train.seed = int(seed)
+    # an arm's budget is its planned step count (FLOP/token matched), never the machine's speed:
+    # a preset's time budget (the demo's) does not apply to experiments
+    cfg.train.time_budget_s = 0.0
     if spec.time_limit_s:
         cfg.train.time_limit_s = float(spec.time_limit_s)
     cfg.validate()
