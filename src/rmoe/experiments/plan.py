@@ -234,6 +234,10 @@ def arm_config(
     # an arm's budget is its planned step count (FLOP/token matched), never the machine's speed:
     # a preset's time budget (the demo's) does not apply to experiments
     cfg.train.time_budget_s = 0.0
+    # eager unless a spec asks for compile: the same code path on every machine (and the
+    # committed results' configs, written before `auto` existed, still match)
+    if cfg.train.compile == "auto":
+        cfg.train.compile = False
     if spec.time_limit_s:
         cfg.train.time_limit_s = float(spec.time_limit_s)
     cfg.validate()

@@ -90,12 +90,13 @@ class RunConfig:
         seed: seeds model init, data order and every RNG.
         device: `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`.
         dtype: `auto` (float32 on CPU, bf16 autocast on GPU), `float32`, `bfloat16`.
-        compile: wrap the model in torch.compile. Off by default, which is what measures
-            faster on CPU: a 4-layer D=128 E=8 RMoE step (batch 8 x 128, 2 threads, torch 2.13)
-            took 150 ms eager vs 140 ms compiled, but compiling cost 144 s first, paid back
-            only after ~14,000 steps. On CUDA (not measured yet) it is expected to pay off: the
-            MoE blocks compile without a graph break with the `sorted` and `grouped_mm`
-            backends.
+        compile: wrap the model in torch.compile: `auto` (the default: on for CUDA, off
+            elsewhere, what measures faster on each device type), true or false. Measured on
+            CPU: a 4-layer D=128 E=8 RMoE step (batch 8 x 128, 2 threads, torch 2.13) took
+            150 ms eager vs 140 ms compiled, but compiling cost 144 s first, paid back only
+            after ~14,000 steps, so `auto` leaves CPU runs eager. On CUDA the MoE blocks
+            compile without a graph break with the `sorted` and `grouped_mm` backends
+            (fullgraph-clean custom ops) and the elementwise ops (norms, RoPE, SwiGLU) fuse.
         threads: CPU threads for torch (0 = torch's default).
         log_interval: steps between metrics.jsonl records (with per-layer routing stats).
         eval_interval: steps between validation evaluations (0 = only at the end).
@@ -126,7 +127,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool | str = "auto"
     threads: int = 0
     log_interval: int = 10
     eval_interval: int = 0
@@ -198,6 +199,10 @@ class TrainConfig:
             ),
             (t.log_interval >= 1, f"train.log_interval must be >= 1, got {t.log_interval}"),
             (t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}"),
+            (
+                _compile_choice(t.compile) is not None,
+                f"train.compile={t.compile!r}; expected auto, true or false",
+            ),
             (t.time_budget_s >= 0, f"train.time_budget_s must be >= 0, got {t.time_budget_s}"),
             (
                 t.trainable in TRAINABLE_CHOICES,
@@ -230,6 +235,29 @@ class TrainConfig:
                 f"{model.max_position_embeddings}; lower data.seq_len or raise "
                 f"model.max_position_embeddings (--set model.max_position_embeddings={d.seq_len})"
             )
+
+
+def _compile_choice(value: bool | str) -> bool | str | None:
+    """train.compile as True, False or "auto" (None when it is none of those)."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v == "auto":
+        return "auto"
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    return None
+
+
+def compile_enabled(value: bool | str, device_type: str) -> bool:
+    """Whether train.compile (True, False or "auto") compiles on this device type: "auto" is
+    on for CUDA only (see `RunConfig.compile`)."""
+    choice = _compile_choice(value)
+    if choice is None:
+        raise ValueError(f"train.compile={value!r}; expected auto, true or false")
+    return device_type == "cuda" if choice == "auto" else choice
 
 
 def model_field_names() -> list[str]:

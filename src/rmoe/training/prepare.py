@@ -31,7 +31,7 @@ from ..runtime import (
     setup_distributed,
 )
 from .checkpoint import Checkpointer, latest_checkpoint, load_state, resume_checkpoint
-from .config import TrainConfig, dump_config, from_dict
+from .config import TrainConfig, compile_enabled, dump_config, from_dict
 from .optim import build_optimizer, build_scheduler
 from .step import attach_router_step
 
@@ -307,7 +307,7 @@ def prepare_run(
         cfg.train.keep_last, fsdp=fsdp, is_main=di.is_main,
     )  # fmt: skip
     step = checkpointer.restore(state) if state is not None else 0
-    if cfg.train.compile:
+    if compile_enabled(cfg.train.compile, device.type):
         train_model = torch.compile(train_model)
     run = PreparedRun(
         cfg=cfg, run_dir=run_dir, device=device, dist=di, amp=amp, tokenizer=tokenizer,
