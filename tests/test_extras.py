@@ -64,3 +64,16 @@ def test_experiment_list_needs_no_scipy(monkeypatch, capsys):
     assert main(["experiment", "--list"]) == 0
     out = capsys.readouterr().out
     assert out.strip(), "no specs listed"
+
+
+def test_train_with_a_hub_corpus_without_datasets_is_one_line(tmp_path, monkeypatch, capsys):
+    """Any subcommand: the missing extra is caught once, in cli.main."""
+    _without(monkeypatch, "datasets")
+    for name in list(sys.modules):
+        if name.startswith("rmoe.data"):
+            monkeypatch.delitem(sys.modules, name)
+    argv = ["train", "tiny", "--out", str(tmp_path / "run"), "--no-progress",
+            "--set", "data.corpus=hf:someone/some-corpus", "--set", "train.max_steps=1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "rmoe train needs datasets: pip install 'rmoe[data]'"

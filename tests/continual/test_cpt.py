@@ -260,3 +260,16 @@ def test_gap_helpers_and_errors(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     with pytest.raises(ValueError, match="eval_log_points"):
         read_eval_curves(run)
+
+
+def test_gap_refuses_a_run_without_a_gap_curve(tmp_path):
+    """A plain run (evaluated only at the end, or never at step 0) is not a stability-gap run:
+    one line saying how to train one, no report written."""
+    run = tmp_path / "plain"
+    _write_metrics(run, {"python-stdlib": [(200, 2.0), (400, 1.8), (600, 1.7)]})
+    with pytest.raises(ValueError, match=r"not a continual-pre-training run.*\[200, 400, 600\]"):
+        write_gap_report(run, tmp_path / "out")
+    assert not (tmp_path / "out" / "gap.json").exists()
+    _write_metrics(run, {"python-stdlib": [(0, 2.0), (600, 1.7)]})
+    with pytest.raises(ValueError, match="--init-from BASE"):
+        gap_report(run)

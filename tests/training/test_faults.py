@@ -211,3 +211,25 @@ def test_damaged_model_is_one_line_for_every_loader(
         assert "Traceback" not in "\n".join(err), name
         assert err and "model.safetensors" in err[-1], (name, err)
         assert err[-1].startswith(f"rmoe {argv[0]}: error:"), (name, err)
+
+
+def test_on_save_error_continue_keeps_training(root, baseline, monkeypatch, caplog):
+    """train.on_save_error=continue: the failed save of step 4 is logged, training goes on,
+    the next save (step 6) lands, and the run's losses equal the uninterrupted run's."""
+    cfg = make_cfg(root, on_save_error="continue")
+    out = root / "enospc-continue"
+    monkeypatch.setenv("RMOE_FAULT", "state")
+    monkeypatch.setenv("RMOE_FAULT_ACTION", "enospc")
+    monkeypatch.setenv("RMOE_FAULT_STEP", str(FAULT_STEP))
+    with caplog.at_level("WARNING"):
+        train(cfg, out, progress=False)
+    assert "tries again at the next save" in caplog.text
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-0000002", "step-0000006"]
+    assert losses_by_step(out) == losses_by_step(baseline)
+    assert all(v.ok and v.verified for v in verify_run(out))
+
+
+def test_on_save_error_bad_value_is_refused():
+    with pytest.raises(ValueError, match="train.on_save_error='retry'; expected stop or continue"):
+        from_dict({"train": {"on_save_error": "retry"}}).validate()

@@ -54,3 +54,17 @@ def test_second_rmoe_train_on_a_running_dir_exits_2(corpus_file, tmp_path, capsy
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.communicate(timeout=120)
+
+
+def test_failed_start_leaves_no_empty_run_directory(tmp_path):
+    """A lock that created --out (and its parents) removes them again when nothing was written
+    there (e.g. --resume of a run that does not exist); a folder with files stays."""
+    from rmoe.training.lock import RunLock
+
+    out = tmp_path / "a" / "b" / "run"
+    with RunLock(out):
+        assert (out / ".lock").is_file()
+    assert not (tmp_path / "a").exists()
+    with RunLock(out):
+        (out / "metrics.jsonl").write_text("{}\n")
+    assert (out / "metrics.jsonl").is_file() and not (out / ".lock").exists()

@@ -107,20 +107,6 @@ def _num(value: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the command; a missing optional dependency is one line naming its extra (exit 2)."""
-    from rmoe.extras import missing_extra_message
-
-    try:
-        return _run(args)
-    except ImportError as exc:
-        message = missing_extra_message(exc, "rmoe analyze")
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     """Run the analysis, print where the report is and the key numbers."""
     from tqdm import tqdm
 

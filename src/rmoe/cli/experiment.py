@@ -75,20 +75,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the command; a missing optional dependency is one line naming its extra (exit 2)."""
-    from rmoe.extras import missing_extra_message
-
-    try:
-        return _run(args)
-    except ImportError as exc:
-        message = missing_extra_message(exc, "rmoe experiment")
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     import logging
 
     from rmoe.experiments import (

@@ -5,7 +5,8 @@ Each subcommand module under `rmoe.cli` defines
     run(args) -> int                                     (exit status)
 and is listed in `COMMANDS`. Modules are imported lazily so `rmoe --help` stays fast.
 Library errors (ValueError, FileNotFoundError, KeyError from configs) become one clear line on
-stderr and exit status 2, without a traceback (set RMOE_DEBUG=1 to see it).
+stderr and exit status 2, without a traceback (set RMOE_DEBUG=1 to see it); so does a missing
+optional dependency, whose line names the extra to install (`rmoe.extras`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rmoe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ImportError as exc:  # an optional dependency (an extra) is not installed
+        from rmoe.extras import missing_extra_message
+
+        message = missing_extra_message(exc, f"rmoe {args.command}")
+        if message is None or os.environ.get("RMOE_DEBUG"):
+            raise
+        prefix = f"rmoe {args.command}"
+        print(message if message.startswith(prefix) else f"{prefix}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,7 +49,8 @@ def read_eval_curves(
 
     Raises:
         FileNotFoundError: no metrics.jsonl.
-        ValueError: no evaluation records with ``metric``.
+        ValueError: no evaluation records with ``metric``, or a curve without step 0 and at
+            least two later evaluations (not a stability-gap run).
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -68,6 +69,15 @@ def read_eval_curves(
             f"{path} has no evaluation records with {metric!r}; train with "
             "--set train.eval_log_points=16 (and data.extra_eval for the old domain)"
         )
+    for corpus, d in curves.items():
+        steps = sorted(d)
+        if len(steps) < 3 or steps[0] != 0:
+            raise ValueError(
+                f"{run_dir} is not a continual-pre-training run with a stability-gap curve: "
+                f"{corpus!r} was evaluated at steps {steps[:6]}, and the gap needs the loss at "
+                "step 0 and at several steps after it; train from the base model with "
+                "--init-from BASE --set train.eval_log_points=16 (or rmoe continual cpt-demo)"
+            )
     return {c: (sorted(d), [d[s] for s in sorted(d)]) for c, d in curves.items()}
 
 

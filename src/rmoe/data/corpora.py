@@ -412,7 +412,7 @@ class HFCorpus(Corpus):
                 raise FileNotFoundError(
                     f"dataset directory {self.name!r} (from {self.spec!r}) does not exist"
                 )
-            loaded = datasets.load_dataset(self.name, self.config)
+            loaded = _load_hub_dataset(datasets, self.name, self.config, self.spec)
         if isinstance(loaded, datasets.Dataset):
             return {"train": loaded}
         return dict(loaded)
@@ -562,3 +562,17 @@ def load_corpus(
     """The documents of one split of the corpus named by ``spec`` (see :func:`get_corpus`)."""
     check_split(split)
     return get_corpus(spec, text_field=text_field, **options).documents(split)
+
+
+def _load_hub_dataset(datasets: Any, name: str, config: str | None, spec: str) -> Any:
+    """`datasets.load_dataset(name, config)`, with a dataset that cannot be fetched (no network,
+    offline mode, not on the Hub) reported in one line that says what to do instead."""
+    try:
+        return datasets.load_dataset(name, config)
+    except OSError as exc:  # no network, offline mode, not on the Hub (requests, hub errors)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(
+            f"could not load dataset {name!r} (from {spec!r}): {first}. Without network, fetch "
+            "it once elsewhere, save it with Dataset.save_to_disk and pass hf:/that/folder, or "
+            "use a local corpus (text:FILE, jsonl:FILE, python-stdlib)"
+        ) from exc

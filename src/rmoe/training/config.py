@@ -104,6 +104,10 @@ class RunConfig:
         eval_batch_size: sequences per evaluation batch (0 = the training micro-batch).
         save_interval: steps between checkpoints (0 = only at the end).
         keep_last: checkpoints to keep.
+        on_save_error: what a failed checkpoint save (e.g. a full disk, ENOSPC) does; either
+            way the partial checkpoint is removed and the previous one stays intact:
+            `stop` (default) ends the run with one line naming the error; `continue` logs a
+            warning, keeps training and tries again at the next save interval.
         fsdp: shard with FSDP2 (fully_shard per decoder layer, then the whole model) instead of
             DDP when launched with several processes (GPUs with NCCL, or CPUs with gloo).
         time_limit_s: stop (with a checkpoint) after this many seconds of training (0 = off):
@@ -135,6 +139,7 @@ class RunConfig:
     eval_batch_size: int = 0
     save_interval: int = 0
     keep_last: int = 2
+    on_save_error: str = "stop"
     fsdp: bool = False
     time_limit_s: float = 0.0
     time_budget_s: float = 0.0
@@ -199,6 +204,11 @@ class TrainConfig:
             ),
             (t.log_interval >= 1, f"train.log_interval must be >= 1, got {t.log_interval}"),
             (t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}"),
+            (
+                t.on_save_error in ("stop", "continue"),
+                f"train.on_save_error={t.on_save_error!r}; expected stop or continue"
+                + _nearest(t.on_save_error, ["stop", "continue"]),
+            ),
             (
                 _compile_choice(t.compile) is not None,
                 f"train.compile={t.compile!r}; expected auto, true or false",

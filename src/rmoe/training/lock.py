@@ -28,13 +28,15 @@ class RunLock:
     """An exclusive lock on a run directory; a context manager (``with RunLock(run_dir):``).
 
     Args:
-        run_dir: the run directory (created if missing).
+        run_dir: the run directory (created if missing; removed again on release when the
+            lock created it and nothing else was written there, e.g. a failed ``--resume``).
     """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     def acquire(self) -> RunLock:
         """Take the lock or raise :class:`RunLockedError` naming the holder's PID at once."""
@@ -48,7 +50,9 @@ class RunLock:
                 f"run directory {self.run_dir} is a file, not a folder; pass the path of a new "
                 "or empty folder"
             )
+        missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._created = missing  # deepest first
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -82,6 +86,12 @@ class RunLock:
         finally:
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+        for folder in self._created:  # folders this lock made that stayed empty
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote files) or already gone
+                break
+        self._created = []
 
     @property
     def held(self) -> bool:

@@ -305,6 +305,7 @@ def prepare_run(
     checkpointer = Checkpointer(
         run_dir, model, optimizer, scheduler, sampler, tokenizer, cfg.to_dict(),
         cfg.train.keep_last, fsdp=fsdp, is_main=di.is_main,
+        on_write_error=cfg.train.on_save_error,
     )  # fmt: skip
     step = checkpointer.restore(state) if state is not None else 0
     if compile_enabled(cfg.train.compile, device.type):
