@@ -59,6 +59,13 @@ def prepare(root: Path) -> dict[str, Path]:
                 (d / f.name).write_bytes(f.read_bytes())
         (d / "model.safetensors").write_bytes(data)
         paths[f"damaged-{kind}"] = d
+        if kind in ("truncated", "header"):  # a model from elsewhere: no manifest to check
+            bare = root / f"damaged-{kind}-bare"
+            bare.mkdir(exist_ok=True)
+            for f in d.iterdir():
+                if f.name != "manifest.json":
+                    (bare / f.name).write_bytes(f.read_bytes())
+            paths[f"damaged-{kind}-bare"] = bare
     (root / "afile.txt").write_text("not a folder\n")
     (root / "empty.yaml").write_text("")
     (root / "bad.yaml").write_text("model: [unclosed\n")
@@ -86,11 +93,14 @@ def cases(p: dict[str, Path]) -> list[tuple[str, list[str], bool]]:
         ("generate: --max-new-tokens past the context",
          ["generate", run, "--prompt", "def ", "--max-new-tokens", "5000"], True),
         ("analyze: --out is a file", ["analyze", run, "--out", str(p["afile"])], True),
-        ("analyze: --seq-len > max_position_embeddings",
-         ["analyze", run, "--out", "x-an-seq", "--seq-len", "4096"], True),
+        # documented: analyze clamps the window to the model's context, with a warning
+        ("analyze: --seq-len > max_position_embeddings (warning)",
+         ["analyze", run, "--out", "x-an-seq", "--seq-len", "4096", "--tokens", "512", "--no-progress"], False),
         ("continual gap: not a CPT run", ["continual", "gap", run, "--out", "x-gap"], True),
-        ("continual cpt-demo: --base of another width",
-         ["continual", "cpt-demo", "--base", wide, "--out", "x-cpt", "--steps", "2"], True),
+        # a base of another width is continued at its own shape (tests/continual/test_cpt.py)
+        ("continual cpt-demo: --base that is not a run",
+         ["continual", "cpt-demo", "--base", str(p["afile"]), "--out", "x-cpt", "--steps", "2"],
+         True),
         ("verify: damaged run", ["verify", str(p["damaged-flipped"])], True),
     ]  # fmt: skip
     for kind in ("truncated", "header", "tiny", "flipped"):
@@ -102,6 +112,13 @@ def cases(p: dict[str, Path]) -> list[tuple[str, list[str], bool]]:
             (f"train --init-from: {kind} weights",
              ["train", "tiny", "--out", f"x-if-{kind}", *TINY, "--init-from", d], True),
         ]  # fmt: skip
+    for kind in ("truncated-bare", "header-bare"):
+        d = str(p[f"damaged-{kind}"])
+        out += [
+            (f"eval: {kind} weights", ["eval", d, "--max-batches", "1"], True),
+            (f"generate: {kind} weights", ["generate", d, "--prompt", "a"], True),
+            (f"analyze: {kind} weights", ["analyze", d, "--out", f"x-an-{kind}"], True),
+        ]
     return out
 
 

@@ -15,3 +15,13 @@ def fmt_number(value: Any, spec: str = ".3g", missing: str = "n/a") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return missing
     return format(value, spec)
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """A YAML parser error in one line: ``line L, column C: PROBLEM`` (1-based), or the error's
+    first line when it carries no position."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"

@@ -329,3 +329,12 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
             f"weights in {directory} do not fit the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}{why}"
         )
+
+
+def context_limit(config: Any) -> int | None:
+    """The longest sequence a model was built for: ``max_position_embeddings``, or None when
+    it has none or declares RoPE scaling (then longer inputs are legitimate)."""
+    if getattr(config, "rope_scaling", None):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None

@@ -273,3 +273,31 @@ def test_gap_refuses_a_run_without_a_gap_curve(tmp_path):
     _write_metrics(run, {"python-stdlib": [(0, 2.0), (600, 1.7)]})
     with pytest.raises(ValueError, match="--init-from BASE"):
         gap_report(run)
+
+
+def test_cpt_demo_continues_a_base_of_another_shape(tmp_path):
+    """`cpt-demo --base RUN` continues the base as it is: its width and context, not the
+    demo's defaults (a base of another width used to fail with a size-mismatch traceback)."""
+    import pydoc_data.topics
+
+    from rmoe.config import RMoEConfig
+    from rmoe.continual.demo import CPTDemoSettings, run_cpt_demo
+    from rmoe.training.config import from_dict
+    from rmoe.training.trainer import train
+
+    corpus = tmp_path / "code.txt"
+    corpus.write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:40])[:40_000])
+    raw = {
+        "model": dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                      router_type="recurrent", router_dim=8, max_position_embeddings=32),
+        "data": dict(corpus=f"text:{corpus}", seq_len=32, batch_size=2,
+                     cache_dir=str(tmp_path / "cache")),
+        "train": dict(max_steps=2, eval_batches=1, threads=1),
+    }  # fmt: skip
+    train(from_dict(raw), tmp_path / "base", progress=False)
+    settings = CPTDemoSettings(steps=2, warmup_steps=1, eval_log_points=2, chunk_chars=400)
+    paths = run_cpt_demo(tmp_path / "demo", settings, arms=["full"], base=tmp_path / "base")
+    assert paths["markdown"].is_file()
+    cfg = RMoEConfig.from_pretrained(tmp_path / "demo" / "full")
+    assert (cfg.hidden_size, cfg.max_position_embeddings) == (24, 32)

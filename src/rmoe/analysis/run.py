@@ -38,7 +38,7 @@ from rmoe.analysis.pipeline.figures import FigureResult, write_figures
 from rmoe.analysis.pipeline.load import load_for_analysis, load_subject, model_names, token_windows
 from rmoe.analysis.pipeline.records import Analysis, ModelRecord, Settings, Skipped
 from rmoe.analysis.report import write_report
-from rmoe.loading import find_model_dir, find_tokenizer
+from rmoe.loading import context_limit, find_model_dir, find_tokenizer
 from rmoe.runtime import resolve_device, resolve_dtype
 
 __all__ = [
@@ -87,7 +87,12 @@ def _analyse_model(
     t0 = time.perf_counter()
     subject = load_subject(name, path, dev, dtype)
     seq_len = settings.seq_len
-    max_pos = int(getattr(subject.model.config, "max_position_embeddings", seq_len) or seq_len)
+    max_pos = context_limit(subject.model.config) or seq_len
+    if seq_len > max_pos:
+        logger.warning(
+            "%s: --seq-len %d is longer than its max_position_embeddings=%d; analysing windows "
+            "of %d tokens", name, seq_len, max_pos, max_pos,
+        )  # fmt: skip
     windows, data_info = token_windows(
         subject.loaded.tokenizer, settings.data, settings.tokens, min(seq_len, max_pos), cache_dir
     )

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         if os.environ.get("RMOE_DEBUG"):
             raise
-        print(f"rmoe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rmoe {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rmoe {args.command}: interrupted", file=sys.stderr)
@@ -86,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"rmoe {args.command}"
         print(message if message.startswith(prefix) else f"{prefix}: {message}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of a library error; a folder that is a file (mkdir's FileExistsError,
+    NotADirectoryError) says so in words instead of ``[Errno 17] File exists: 'x'``."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        return (
+            f"{exc.filename} is a file where a folder is needed; pass the path of a new or "
+            "existing folder (or move the file away)"
+        )
+    return str(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -144,9 +144,9 @@ def run_cpt_demo(
 ) -> dict[str, Path]:
     """Run the demonstration (module docstring) and return the comparison's paths.
 
-    ``base``: an existing base run (trained with :data:`DEMO_BASE_CONFIG`'s model and data
-    settings) to continue from instead of ``<out_dir>/base`` -- e.g. to repeat the continual
-    arms with other seeds from the same starting model.
+    ``base``: an existing base run to continue from instead of ``<out_dir>/base`` -- e.g. to
+    repeat the continual arms with other seeds from the same starting model. Its model shape is
+    used (whatever it is), with the demo's data and optimiser settings.
     """
     from rmoe.training.checkpoint import latest_checkpoint
     from rmoe.training.config import from_dict
@@ -164,6 +164,8 @@ def run_cpt_demo(
     raw["train"].update(max_steps=s.pretrain_steps, seed=s.seed, threads=s.threads)
     if base is not None and not _finished(base_dir):
         raise FileNotFoundError(f"--base {base_dir} is not a finished run (no config.json)")
+    if base is not None:  # continue the base as it is: its shape, not the demo's default
+        _adopt_model(raw, base_dir)
     if not _finished(base_dir):
         log.info("pre-training the base model on python-stdlib (%d steps)", s.pretrain_steps)
         train(from_dict(raw), base_dir, progress=progress)
@@ -190,3 +192,14 @@ def run_cpt_demo(
                 on_arm(arm, manifest)
         done.append(arm)
     return compare_gap_reports([out / a for a in done], out, names=done)
+
+
+def _adopt_model(raw: dict[str, Any], base_dir: Path) -> None:
+    """Set ``raw["model"]`` to the base model's shape (and the window to fit its context)."""
+    from rmoe.experiments.plan import checkpoint_model
+
+    model, _vocab = checkpoint_model(base_dir)
+    raw["model"] = model
+    limit = model.get("max_position_embeddings")
+    if limit and raw["data"]["seq_len"] > limit:
+        raw["data"]["seq_len"] = int(limit)

@@ -78,6 +78,7 @@ from typing import Any
 
 import yaml
 
+from ..formatting import yaml_error_line
 from ..modeling.routing import router_presets
 from ..registry import nearest
 from ..training.config import TrainConfig, from_dict, load_config, set_key
@@ -356,7 +357,9 @@ def load_spec(name_or_path: str) -> ExperimentSpec:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"experiment spec {name_or_path!r} is not valid YAML: {exc}") from None
+        raise ValueError(
+            f"experiment spec {name_or_path!r} is not valid YAML ({yaml_error_line(exc)})"
+        ) from None
     if not isinstance(raw, dict):
         raise ValueError(f"experiment spec {name_or_path!r} must be a mapping")
     raw.setdefault("name", Path(name_or_path).stem)

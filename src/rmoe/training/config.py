@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..config import RMoEConfig
+from ..formatting import yaml_error_line
 
 
 @dataclass
@@ -418,7 +419,9 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ValueError(f"config {name_or_path!r} is not valid YAML: {exc}") from None
+            raise ValueError(
+                f"config {name_or_path!r} is not valid YAML ({yaml_error_line(exc)})"
+            ) from None
         if raw is None:
             raise ValueError(
                 f"config {name_or_path!r} is empty; give at least one section (model:, data:, "

@@ -9,7 +9,7 @@ import torch
 
 from ..data import get_corpus, get_split_tokens
 from ..evaluation import evaluate_split
-from ..loading import load_model
+from ..loading import context_limit, load_model
 from ..runtime import model_device
 
 
@@ -30,6 +30,12 @@ def evaluate_path(
     corpus_spec = data or data_cfg.get("corpus", "python-stdlib")
     field = text_field or data_cfg.get("text_field", "text")
     seq_len = seq_len or data_cfg.get("seq_len", 256)
+    limit = context_limit(model.config)
+    if limit is not None and seq_len > limit:
+        raise ValueError(
+            f"--seq-len {seq_len} is longer than the model's max_position_embeddings={limit}; "
+            f"pass --seq-len {limit} or less"
+        )
     if model.config.vocab_size < tokenizer.vocab_size:  # a padded embedding (larger) is fine
         raise ValueError(
             f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
@@ -68,6 +74,14 @@ def generate_text(
     model, tokenizer, _ = load_model(path, device)
     dev = model_device(model)
     ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    limit = context_limit(model.config)
+    if limit is not None and len(ids) + max_new_tokens > limit:
+        room = limit - len(ids)
+        raise ValueError(
+            f"the prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} is longer "
+            f"than the model's max_position_embeddings={limit}; "
+            + (f"pass --max-new-tokens {room} or less" if room > 0 else "shorten the prompt")
+        )
     x = torch.tensor([ids], device=dev)
     torch.manual_seed(seed)
     kw: dict[str, Any] = dict(
