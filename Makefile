@@ -29,11 +29,13 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check src tests benchmarks
 
 # Each `make demo` trains into a fresh folder (runs/demo-YYYYmmdd-HHMMSS; `make demo
-# DEMO_OUT=DIR` to choose); runs/demo-latest points at the newest one.
+# DEMO_OUT=DIR` to choose); runs/demo-latest points at the newest one. DEMO_ARGS adds training
+# options, e.g. `make demo DEMO_ARGS="--set train.threads=1"`.
 DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_ARGS ?=
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/rmoe train tiny --out $(DEMO_OUT)
+	$(VENV)/bin/rmoe train tiny --out $(DEMO_OUT) $(DEMO_ARGS)
 	$(VENV)/bin/rmoe eval $(DEMO_OUT) --split test
 	$(VENV)/bin/rmoe generate $(DEMO_OUT) --prompt "def " --max-new-tokens 200 --out $(DEMO_OUT)/sample.txt
 	@mkdir -p runs && ln -sfn $(abspath $(DEMO_OUT)) runs/demo-latest 2>/dev/null || true
