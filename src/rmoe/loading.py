@@ -18,9 +18,11 @@ one of its parents up to the path given. When there is none, :func:`load_model` 
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -338,3 +340,38 @@ def context_limit(config: Any) -> int | None:
         return None
     limit = getattr(config, "max_position_embeddings", None)
     return int(limit) if limit else None
+
+
+_TOKEN_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+"""Model keys `rmoe train` takes from the tokenizer, so a run config's model section omits."""
+
+
+@lru_cache(maxsize=32)
+def _read_checkpoint_model(model_dir: str, mtime: float) -> tuple[tuple[str, Any], ...]:
+    from .config import RMoEConfig
+    from .training.config import model_field_names
+
+    config = RMoEConfig.from_pretrained(model_dir)
+    names = [n for n in model_field_names() if n not in _TOKEN_KEYS]
+    model = {n: copy.deepcopy(getattr(config, n)) for n in names if hasattr(config, n)}
+    model["vocab_size"] = int(config.vocab_size)
+    return tuple(model.items())
+
+
+def checkpoint_model(init_from: str | Path) -> tuple[dict[str, Any], int]:
+    """The model section (without vocabulary size and token ids, which `rmoe train` takes from
+    the tokenizer) and the vocabulary size of a saved model: what an experiment's `init_from`
+    arm or `rmoe continual cpt-demo --base` continues.
+
+    Args:
+        init_from: a run directory or a model directory with config.json (relative to the
+            working directory), as `rmoe train --init-from` takes.
+
+    Raises:
+        FileNotFoundError: no model there (make the checkpoint first, e.g. with `rmoe import`).
+    """
+    model_dir = find_model_dir(init_from)
+    mtime = (model_dir / "config.json").stat().st_mtime
+    model = dict(_read_checkpoint_model(str(model_dir.resolve()), mtime))
+    vocab = int(model.pop("vocab_size"))
+    return copy.deepcopy(model), vocab

@@ -196,7 +196,7 @@ def run_cpt_demo(
 
 def _adopt_model(raw: dict[str, Any], base_dir: Path) -> None:
     """Set ``raw["model"]`` to the base model's shape (and the window to fit its context)."""
-    from rmoe.experiments.plan import checkpoint_model
+    from rmoe.loading import checkpoint_model
 
     model, _vocab = checkpoint_model(base_dir)
     raw["model"] = model

@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
+from ..loading import checkpoint_model
 from ..modeling.accounting import ModelCounts, count_config
 from ..training.config import TrainConfig, set_key
 from .spec import CHECKPOINT_ROUTER, ROUTER_VARIANTS, ArmSpec, ExperimentSpec
-
-_TOKEN_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
-"""Model keys `rmoe train` takes from the tokenizer, so a run config's model section omits."""
 
 
 @dataclass
@@ -160,38 +156,6 @@ def vocab_size_of(tokenizer: str) -> int:
     from ..data import build_tokenizer
 
     return build_tokenizer(tokenizer).vocab_size
-
-
-@lru_cache(maxsize=32)
-def _read_checkpoint_model(model_dir: str, mtime: float) -> tuple[tuple[str, Any], ...]:
-    from ..config import RMoEConfig
-    from ..training.config import model_field_names
-
-    config = RMoEConfig.from_pretrained(model_dir)
-    names = [n for n in model_field_names() if n not in _TOKEN_KEYS]
-    model = {n: copy.deepcopy(getattr(config, n)) for n in names if hasattr(config, n)}
-    model["vocab_size"] = int(config.vocab_size)
-    return tuple(model.items())
-
-
-def checkpoint_model(init_from: str | Path) -> tuple[dict[str, Any], int]:
-    """The model section (without vocabulary size and token ids, which `rmoe train` takes from
-    the tokenizer) and the vocabulary size of the checkpoint an `init_from` arm starts from.
-
-    Args:
-        init_from: a run directory or a model directory with config.json (relative to the
-            working directory), as `rmoe train --init-from` takes.
-
-    Raises:
-        FileNotFoundError: no model there (make the checkpoint first, e.g. with `rmoe import`).
-    """
-    from ..loading import find_model_dir
-
-    model_dir = find_model_dir(init_from)
-    mtime = (model_dir / "config.json").stat().st_mtime
-    model = dict(_read_checkpoint_model(str(model_dir.resolve()), mtime))
-    vocab = int(model.pop("vocab_size"))
-    return copy.deepcopy(model), vocab
 
 
 def _check_router(arm: ArmSpec, model: dict[str, Any]) -> None:
