@@ -90,33 +90,37 @@ def corpus_file(tmp_path):
     return path
 
 
+def micro_raw(corpus_file, cache_dir, **sections) -> dict:
+    """The raw config of a run small enough for unit tests (a few seconds): 2 layers, D=32,
+    4 experts (top-2), recurrent router P=8, 4 x 32 tokens per step. ``sections`` update the
+    sections (``train={"max_steps": 4}``)."""
+    raw = {
+        "model": dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            router_type="recurrent",
+            router_dim=8,
+        ),
+        "data": dict(
+            corpus=f"text:{corpus_file}", seq_len=32, batch_size=4, cache_dir=str(cache_dir)
+        ),
+        "optim": dict(lr=3e-3, warmup_steps=2, schedule="cosine"),
+        "train": dict(max_steps=10, log_interval=1, eval_batches=2, seed=0, threads=1),
+    }
+    for sec, body in sections.items():
+        raw[sec].update(body)
+    return raw
+
+
 @pytest.fixture
 def micro_cfg(corpus_file, tmp_path):
-    """A run small enough for unit tests (a few seconds)."""
+    """`micro_raw` as a TrainConfig: ``micro_cfg(train={...})``."""
 
     def make(**sections):
-        raw = {
-            "model": dict(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                moe_intermediate_size=32,
-                num_experts=4,
-                num_experts_per_tok=2,
-                router_type="recurrent",
-                router_dim=8,
-            ),
-            "data": dict(
-                corpus=f"text:{corpus_file}",
-                seq_len=32,
-                batch_size=4,
-                cache_dir=str(tmp_path / "cache"),
-            ),
-            "optim": dict(lr=3e-3, warmup_steps=2, schedule="cosine"),
-            "train": dict(max_steps=10, log_interval=1, eval_batches=2, seed=0, threads=1),
-        }
-        for sec, body in sections.items():
-            raw[sec].update(body)
-        return from_dict(raw)
+        return from_dict(micro_raw(corpus_file, tmp_path / "cache", **sections))
 
     return make

@@ -16,6 +16,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import micro_raw
 
 from rmoe.cli.main import main
 from rmoe.training import train
@@ -31,17 +32,8 @@ def make_cfg(root, **train_kw):
     if not corpus.exists():
         text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
         corpus.write_text(text[:60_000])
-    raw = {
-        "model": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                      router_type="recurrent", router_dim=8),
-        "data": dict(corpus=f"text:{corpus}", seq_len=32, batch_size=4,
-                     cache_dir=str(root / "cache")),
-        "optim": dict(lr=3e-3, warmup_steps=2, schedule="cosine"),
-        "train": dict(max_steps=6, save_interval=2, keep_last=3, log_interval=1,
-                      eval_batches=1, seed=0, threads=1, **train_kw),
-    }  # fmt: skip
-    return from_dict(raw)
+    train = dict(max_steps=6, save_interval=2, keep_last=3, log_interval=1, eval_batches=1)
+    return from_dict(micro_raw(corpus, root / "cache", train={**train, **train_kw}))
 
 
 def losses_by_step(run_dir):

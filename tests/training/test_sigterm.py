@@ -7,29 +7,16 @@ import sys
 import time
 
 import yaml
+from tests.conftest import micro_raw
 
 from rmoe.training import latest_checkpoint
 from rmoe.training.metrics import read_records
 
 
 def write_config(path, corpus_file, cache_dir, max_steps):
-    raw = {
-        "model": dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            moe_intermediate_size=32,
-            num_experts=4,
-            num_experts_per_tok=2,
-            router_type="recurrent",
-            router_dim=8,
-        ),
-        "data": dict(
-            corpus=f"text:{corpus_file}", seq_len=32, batch_size=4, cache_dir=str(cache_dir)
-        ),
-        "optim": dict(lr=3e-3, warmup_steps=2, schedule="constant"),
-        "train": dict(max_steps=max_steps, log_interval=1, eval_batches=2, seed=0, threads=1),
-    }
+    raw = micro_raw(
+        corpus_file, cache_dir, optim={"schedule": "constant"}, train={"max_steps": max_steps}
+    )
     path.write_text(yaml.safe_dump(raw))
     return path
 
