@@ -90,21 +90,26 @@ def corpus_file(tmp_path):
     return path
 
 
+MICRO_MODEL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    moe_intermediate_size=32,
+    num_experts=4,
+    num_experts_per_tok=2,
+    router_type="recurrent",
+    router_dim=8,
+)
+"""The unit tests' model: 2 layers, D=32, 4 experts (top-2), recurrent router P=8 (~40k
+parameters with the bytes vocabulary); tests copy it and override what they vary."""
+
+
 def micro_raw(corpus_file, cache_dir, **sections) -> dict:
     """The raw config of a run small enough for unit tests (a few seconds): 2 layers, D=32,
     4 experts (top-2), recurrent router P=8, 4 x 32 tokens per step. ``sections`` update the
     sections (``train={"max_steps": 4}``)."""
     raw = {
-        "model": dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            moe_intermediate_size=32,
-            num_experts=4,
-            num_experts_per_tok=2,
-            router_type="recurrent",
-            router_dim=8,
-        ),
+        "model": dict(MICRO_MODEL),
         "data": dict(
             corpus=f"text:{corpus_file}", seq_len=32, batch_size=4, cache_dir=str(cache_dir)
         ),

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tests.conftest import MICRO_MODEL
 
 from rmoe import RMoEConfig, RMoEForCausalLM
 from rmoe.data import build_tokenizer
@@ -30,14 +31,7 @@ def make_model(tokenizer, seed: int = 0, **overrides) -> RMoEForCausalLM:
     torch.manual_seed(seed)
     kw = dict(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        moe_intermediate_size=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-        router_type="recurrent",
-        router_dim=8,
+        **MICRO_MODEL,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_id,
         eos_token_id=tokenizer.eos_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from tests.conftest import MICRO_MODEL
 
 
 @pytest.fixture
@@ -13,16 +14,11 @@ def spec_dict(corpus_file, tmp_path):
     base = {
         "name": "tiny",
         "overrides": {
-            "model": dict(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                moe_intermediate_size=32,
-                num_experts=4,
-                num_experts_per_tok=2,
-                router_dim=8,
-                max_position_embeddings=32,
-            ),
+            # the arms choose the router
+            "model": {
+                **{k: v for k, v in MICRO_MODEL.items() if k != "router_type"},
+                "max_position_embeddings": 32,
+            },
             "data": dict(
                 corpus=f"text:{corpus_file}",
                 seq_len=32,

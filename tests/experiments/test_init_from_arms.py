@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import MICRO_MODEL
 
 from rmoe.experiments.plan import checkpoint_model, plan_runs
 from rmoe.experiments.runner import (
@@ -19,16 +20,8 @@ from rmoe.experiments.runner import (
 )
 from rmoe.experiments.spec import CHECKPOINT_ROUTER, spec_from_dict
 
-TINY_MODEL = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    moe_intermediate_size=32,
-    num_experts=4,
-    num_experts_per_tok=2,
-    router_type="linear",
-    max_position_embeddings=32,
-)
+TINY_MODEL = {k: v for k, v in MICRO_MODEL.items() if k != "router_dim"}
+TINY_MODEL.update(router_type="linear", max_position_embeddings=32)
 
 
 def _save(model, tokenizer, directory: Path) -> Path:
